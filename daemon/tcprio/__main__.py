@@ -1,0 +1,3 @@
+from tcprio.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,281 @@
+"""Plain data shared by every stage: discover -> enumerate -> analyse -> report.
+
+Nothing here touches the kernel. The kernel layers (namespaces, tc, bpf) build these objects;
+the analysis modules (verdicts, conflicts) take them in and hand findings out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+ETH_P_ALL = 0x0003
+
+
+class Direction(StrEnum):
+    INGRESS = "ingress"
+    EGRESS = "egress"
+
+
+class HookKind(StrEnum):
+    """Where a classifier hangs: a tcx link chain, or a filter on a clsact / ingress qdisc."""
+
+    TCX = "tcx"
+    CLSACT = "clsact"
+
+
+class VerdictClass(StrEnum):
+    TRANSPARENT = "transparent"  # always lets the next classifier run
+    TERMINAL = "terminal"  # may end the chain
+    UNKNOWN = "unknown"  # could not be proven either way
+
+
+# --- discovery -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NetNamespace:
+    """One network namespace of the node, deduplicated by (dev, inode)."""
+
+    inode: int
+    dev: int
+    name: str  # readable: netns name, container / pod, "pid:<n>", or "host"
+    path: str  # a path that opens it: /run/netns/x, /proc/<pid>/ns/net ...
+    source: str  # "host", "named", "docker", "process"
+    pid: int | None = None  # a process living in it, when found through /proc
+    container: str | None = None
+    pod: str | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.dev, self.inode)
+
+
+# --- enumeration -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TcFilter:
+    """One filter on a clsact (or legacy ingress) qdisc, as netlink reports it."""
+
+    kind: str  # "bpf", "u32", ...
+    chain: int
+    priority: int
+    handle: int
+    protocol: int  # ethertype in host order; ETH_P_ALL (3) for "all"
+    position: int  # index in the kernel's dump of this hook: the order the kernel runs them
+    direct_action: bool | None = None  # cls_bpf only
+    name: str | None = None  # cls_bpf TCA_BPF_NAME
+    prog_id: int | None = None  # cls_bpf only
+    tag: str | None = None  # cls_bpf program tag, 16 hex digits
+    classid: int | None = None
+    actions: tuple[str, ...] = ()  # kinds of the attached actions, in order ("mirred", ...)
+
+
+@dataclass(frozen=True)
+class TcxEntry:
+    """One program on a tcx hook (kernel 6.6+), in execution order."""
+
+    prog_id: int
+    position: int
+    link_id: int | None = None  # None when attached without a link (legacy BPF_PROG_ATTACH)
+
+
+@dataclass(frozen=True)
+class HookInventory:
+    """Everything that sees a packet on one interface in one direction."""
+
+    direction: Direction
+    qdisc: str | None  # "clsact", "ingress", or None when no such qdisc exists
+    filters: tuple[TcFilter, ...] = ()
+    tcx: tuple[TcxEntry, ...] = ()
+    error: str | None = None  # a partial failure reading this hook
+
+
+@dataclass(frozen=True)
+class Interface:
+    ifindex: int
+    name: str
+    hooks: tuple[HookInventory, ...]
+    kind: str | None = None  # link kind: "veth", "bridge", ...
+
+
+@dataclass(frozen=True)
+class NamespaceInventory:
+    namespace: NetNamespace
+    interfaces: tuple[Interface, ...]
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One eBPF instruction, decoded from the kernel's translated (xlated) image."""
+
+    code: int
+    dst: int
+    src: int
+    off: int  # signed 16 bits
+    imm: int  # signed 32 bits
+
+
+@dataclass(frozen=True)
+class ProgramInfo:
+    """What BPF_OBJ_GET_INFO_BY_FD says of one program."""
+
+    id: int
+    name: str
+    tag: str  # 16 hex digits
+    type: int
+    type_name: str
+    load_time_ns: int  # since boot
+    map_ids: tuple[int, ...]
+    insns: tuple[Instruction, ...] | None  # None when the kernel would not show them
+    run_cnt: int = 0
+    run_time_ns: int = 0
+    created_by_uid: int = 0
+    btf_id: int = 0
+    error: str | None = None  # why insns are missing, when they are
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    """What BPF_OBJ_GET_INFO_BY_FD says of one map; prog arrays carry their current slots."""
+
+    id: int
+    type: int
+    type_name: str
+    name: str
+    key_size: int
+    value_size: int
+    max_entries: int
+    prog_array: dict[int, int] | None = None  # slot index -> program id, for prog arrays
+
+
+# --- verdict analysis ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExitPath:
+    """One way a program can finish, with the raw values r0 may hold there."""
+
+    pc: int  # instruction index of the exit, in the program named by prog_id
+    prog_id: int
+    values: frozenset[int] | None  # raw 32-bit signed return values; None = unknown
+    note: str = ""  # how it got there: "tail call to prog 12 (map 4 slot 0)", "bpf_redirect()"
+
+
+@dataclass(frozen=True)
+class ProgramVerdicts:
+    """The result of the static analysis of one program (following its tail calls)."""
+
+    prog_id: int
+    values: frozenset[int] | None  # union over every exit; None when any exit is unknown
+    exits: tuple[ExitPath, ...]
+    unknown_reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClassifierVerdict:
+    """What the kernel does with what a classifier returns, on its hook."""
+
+    verdict_class: VerdictClass
+    terminal_actions: tuple[str, ...] = ()  # e.g. ("TC_ACT_OK", "TC_ACT_REDIRECT")
+    reason: str = ""
+
+
+# --- Datadog configuration -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One effective setting with where it came from ("default", "file:...", "env:...")."""
+
+    value: object
+    source: str
+
+
+@dataclass(frozen=True)
+class DatadogSettings:
+    enabled: Setting
+    classifier_priority: Setting
+    classifier_handle: Setting
+    ingress_enabled: Setting | None = None
+    agent_version: str | None = None
+    agent_version_source: str | None = None
+    notes: tuple[str, ...] = ()
+    errors: tuple[str, ...] = ()  # bad input that was ignored, one line each
+
+
+# --- conflicts -------------------------------------------------------------------------------
+
+
+class Severity(StrEnum):
+    CRITICAL = "critical"
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """One classifier on one hook, ready for the conflict analysis."""
+
+    hook: HookKind
+    position: int  # order in which it sees a packet on its hook, 0 first
+    prog_id: int | None
+    name: str  # program name, or filter name, or kind
+    vendor: str | None
+    verdict: ClassifierVerdict
+    priority: int | None = None  # clsact only
+    handle: int | None = None  # clsact only
+    chain: int = 0
+    kind: str = "bpf"
+    protocol: int = ETH_P_ALL
+    direct_action: bool | None = None
+    filter_name: str | None = None
+    link_id: int | None = None
+    is_datadog: bool = False
+
+
+@dataclass(frozen=True)
+class Remedy:
+    summary: str
+    system_probe_yaml: str = ""
+    helm_values: str = ""
+    environment: str = ""
+    extra: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Conflict:
+    namespace: str
+    interface: str
+    direction: Direction
+    severity: Severity
+    blocker: Classifier
+    datadog_priority: int
+    datadog_attached: bool
+    message: str
+    recommended_priority: int | None = None
+    remedies: tuple[Remedy, ...] = ()
+
+
+@dataclass(frozen=True)
+class HookReport:
+    """A hook's classifiers in the order they see a packet, and what stands in Datadog's way."""
+
+    namespace: str
+    interface: str
+    direction: Direction
+    classifiers: tuple[Classifier, ...]
+    conflicts: tuple[Conflict, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class ScanResult:
+    hooks: list[HookReport] = field(default_factory=list)
+    conflicts: list[Conflict] = field(default_factory=list)
+    recommended_priority: int | None = None
+    recommendation_note: str = ""
+    notes: list[str] = field(default_factory=list)

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a Debian 12 machine, as root: Debian packages, then a virtualenv in
+# .venv with tcprio installed and Debian's BCC (python3-bpfcc) importable.
+# Usage: scripts/setup.sh [runtime|dev]   (dev adds the test tools)
+set -euo pipefail
+
+profile=${1:-runtime}
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv="$root/.venv"
+
+if [ "$(id -u)" != 0 ]; then
+  echo "tcprio setup: must run as root (it installs Debian packages and reads the kernel's BPF state)" >&2
+  exit 3
+fi
+
+debian_packages=(iproute2 bpftool python3-bpfcc linux-headers-amd64 python3-venv procps)
+missing=()
+for pkg in "${debian_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "tcprio setup: installing Debian packages: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv"
+fi
+
+# Reinstall only when the project metadata or the profile changed.
+extras=""
+[ "$profile" = dev ] && extras="[dev]"
+stamp="$venv/.tcprio-installed"
+want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1) $profile"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root$extras"
+  echo "$want" > "$stamp"
+fi
+
+# Debian's BCC lives in /usr/lib/python3/dist-packages; expose that one package only.
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ ! -e "$site/bcc" ]; then
+  ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
+fi
