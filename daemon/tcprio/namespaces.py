@@ -1,0 +1,205 @@
+"""Discover the node's network namespaces, and run code inside one of them.
+
+A namespace is found through the host's own (pid 1), the named ones (bind mounts in
+/run/netns, /var/run/netns, /var/run/docker/netns) and every process's /proc/<pid>/ns/net;
+it is identified by the (device, inode) of its nsfs file, so each is listed once.
+
+Entering a namespace uses setns(2) on the calling thread only: sockets created inside stay
+bound to that namespace, and bpf(2) calls resolve interface indexes there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tcprio.model import NetNamespace
+
+CLONE_NEWNET = 0x40000000
+NAMED_NETNS_DIRS = (Path("/run/netns"), Path("/var/run/netns"), Path("/var/run/docker/netns"))
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+_POD_UID = re.compile(
+    r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})"
+)
+_CONTAINER_ID = re.compile(r"(?:^|[/-])(?:docker-|cri-containerd-|crio-|libpod-)?([0-9a-f]{64})")
+
+
+class NamespaceGone(Exception):
+    """The namespace vanished (or its path now names another one) before we could enter it."""
+
+
+@dataclass(frozen=True)
+class CgroupIdentity:
+    container: str | None
+    pod_uid: str | None
+
+
+def parse_cgroup(text: str) -> CgroupIdentity:
+    """Container id and pod UID from a /proc/<pid>/cgroup (cgroup v1 or v2, cgroupfs or systemd)."""
+    container = pod = None
+    for line in text.splitlines():
+        path = line.split(":", 2)[-1]
+        if pod is None and (m := _POD_UID.search(path)):
+            pod = m.group(1).replace("_", "-")
+        if container is None and (m := _CONTAINER_ID.search(path)):
+            container = m.group(1)
+    return CgroupIdentity(container, pod)
+
+
+def _nsfs_key(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _read_text(path: Path, limit: int = 65536) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _hostname_from_environ(proc_dir: Path) -> str | None:
+    """Kubernetes sets HOSTNAME to the pod name in every container's environment."""
+    try:
+        with open(proc_dir / "environ", "rb") as f:
+            data = f.read(1 << 20)
+    except OSError:
+        return None
+    for entry in data.split(b"\0"):
+        if entry.startswith(b"HOSTNAME="):
+            return entry[9:].decode("utf-8", "replace") or None
+    return None
+
+
+def _process_namespace(proc_dir: Path) -> NetNamespace | None:
+    pid = int(proc_dir.name)
+    key = _nsfs_key(proc_dir / "ns" / "net")
+    if key is None:
+        return None
+    identity = parse_cgroup(_read_text(proc_dir / "cgroup"))
+    comm = _read_text(proc_dir / "comm").strip()
+    pod_name = _hostname_from_environ(proc_dir) if identity.pod_uid else None
+    if identity.pod_uid:
+        name = f"pod:{pod_name or identity.pod_uid}"
+    elif identity.container:
+        name = f"container:{identity.container[:12]}"
+    else:
+        name = f"pid:{pid}" + (f" ({comm})" if comm else "")
+    return NetNamespace(
+        inode=key[1],
+        dev=key[0],
+        name=name,
+        path=str(proc_dir / "ns" / "net"),
+        source="process",
+        pid=pid,
+        container=identity.container,
+        pod=pod_name or identity.pod_uid,
+    )
+
+
+def _named_namespaces(dirs: Iterable[Path]) -> Iterator[NetNamespace]:
+    for folder in dirs:
+        source = "docker" if "docker" in folder.parts else "named"
+        try:
+            entries = sorted(os.listdir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            path = folder / entry
+            key = _nsfs_key(path)
+            if key is None:
+                continue
+            yield NetNamespace(inode=key[1], dev=key[0], name=entry, path=str(path), source=source)
+
+
+def _pid_dirs(proc: Path) -> list[Path]:
+    try:
+        names = os.listdir(proc)
+    except OSError:
+        return []
+    return [proc / n for n in sorted((n for n in names if n.isdigit()), key=int)]
+
+
+def discover_namespaces(
+    proc: Path = Path("/proc"), named_dirs: Iterable[Path] = NAMED_NETNS_DIRS
+) -> list[NetNamespace]:
+    """Every network namespace of the node: host first, then named ones, then the rest by pid."""
+    found: dict[tuple[int, int], NetNamespace] = {}
+    host_key = _nsfs_key(proc / "1" / "ns" / "net")
+    if host_key is not None:
+        found[host_key] = NetNamespace(
+            inode=host_key[1],
+            dev=host_key[0],
+            name="host",
+            path=str(proc / "1" / "ns" / "net"),
+            source="host",
+            pid=1,
+        )
+    for ns in _named_namespaces(named_dirs):
+        found.setdefault(ns.key, ns)
+    for proc_dir in _pid_dirs(proc):
+        key = _nsfs_key(proc_dir / "ns" / "net")
+        if key is None:
+            continue
+        known = found.get(key)
+        if known is not None:
+            if known.pid is None:  # a named namespace: remember a process living in it
+                found[key] = replace(known, pid=int(proc_dir.name))
+            continue
+        ns = _process_namespace(proc_dir)
+        if ns is not None:
+            found[ns.key] = ns
+    return list(found.values())
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns(CLONE_NEWNET): {os.strerror(err)}")
+
+
+def open_namespace(ns: NetNamespace) -> int:
+    """An fd on the namespace, checked to still be the same one (pids get reused)."""
+    try:
+        fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError, NotADirectoryError) as exc:
+        raise NamespaceGone(f"{ns.name}: {ns.path} is gone") from exc
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != ns.key:
+        os.close(fd)
+        raise NamespaceGone(f"{ns.name}: {ns.path} now names another namespace")
+    return fd
+
+
+@contextlib.contextmanager
+def entered(ns: NetNamespace) -> Iterator[None]:
+    """Run the body with the calling thread inside `ns`; always come back home."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        target = open_namespace(ns)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(home)
+    finally:
+        os.close(home)
+
+
+def current_namespace_key() -> tuple[int, int]:
+    st = os.stat("/proc/thread-self/ns/net")
+    return (st.st_dev, st.st_ino)
