@@ -1,24 +1,89 @@
-"""Command line: `tcprio --scan` (one-shot report)."""
+"""Command line: `tcprio --scan` for a one-shot report of this node's TC classifiers."""
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import json
 import sys
+from collections.abc import Sequence
 
-from tcprio import __version__
+from tcprio import __version__, privileges
+from tcprio.model import NetNamespace
+from tcprio.namespaces import discover_namespaces
+
+EXIT_FAILED = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tcprio", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="tcprio",
+        description="Find every TC classifier on this node, what it can return, and what hides "
+        "Datadog Workload Protection's network classifier.",
+        epilog="Exit status of --scan: 0 no conflict, 1 fixable conflicts only, 2 a critical "
+        "conflict, 3 the scan itself failed.",
+    )
     parser.add_argument("--version", action="version", version=f"tcprio {__version__}")
     parser.add_argument("--scan", action="store_true", help="scan this node once and report")
+    parser.add_argument(
+        "--format", choices=("text", "json"), default="text", help="report format (default text)"
+    )
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="show each classifier's exit paths and the values it returns there",
+    )
+    parser.add_argument(
+        "--color", choices=("auto", "always", "never"), default="auto", help="highlighting"
+    )
+    parser.add_argument(
+        "--netns",
+        action="append",
+        metavar="GLOB",
+        help="only scan namespaces whose name matches GLOB (repeatable; default: all)",
+    )
     return parser
+
+
+def _namespace_filter(patterns: Sequence[str] | None):
+    def discover() -> list[NetNamespace]:
+        found = discover_namespaces()
+        if not patterns:
+            return found
+        return [ns for ns in found if any(fnmatch.fnmatchcase(ns.name, p) for p in patterns)]
+
+    return discover
+
+
+def run_scan_command(args: argparse.Namespace) -> int:
+    problem = privileges.missing_privileges()
+    if problem:
+        print(f"tcprio: {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    # Imported here so that `--help` and the privilege check stay fast and dependency-light.
+    from tcprio.report import exit_status, render_text, scan_json
+    from tcprio.scan import run_scan
+
+    try:
+        scan = run_scan(discover=_namespace_filter(args.netns))
+    except Exception as exc:  # the one place a failed scan becomes exit status 3
+        print(f"tcprio: scan failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.format == "json":
+        json.dump(scan_json(scan), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        color = {"always": True, "never": False}.get(args.color)
+        sys.stdout.write(render_text(scan, color=color, explain_terminal=args.explain))
+    return exit_status(scan)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.scan:
-        print("tcprio: only --scan is implemented yet", file=sys.stderr)
-        return 3
-    print("tcprio: scan not implemented yet", file=sys.stderr)
-    return 3
+        build_parser().print_usage(sys.stderr)
+        print(
+            "tcprio: nothing to do: use --scan (the daemon mode is not built yet)", file=sys.stderr
+        )
+        return EXIT_FAILED
+    return run_scan_command(args)

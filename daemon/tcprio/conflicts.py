@@ -161,40 +161,35 @@ def _clsact_finding(c: Classifier, pos: _Position) -> _Finding | None:
     )
 
 
+def _same_priority_finding(c: Classifier, prio: int) -> _Finding | None:
+    """Datadog not attached yet: what happens when it adds its filter at a taken priority."""
+    if c.kind != "bpf" or c.protocol != ETH_P_ALL:
+        message = (
+            f"{describe(c)} holds priority {prio} with kind {c.kind} and protocol "
+            f"{_protocol_name(c.protocol)}: the kernel refuses Datadog's bpf filter (protocol "
+            "all) at that priority, so it cannot attach on this hook"
+        )
+        return _Finding(Severity.ERROR, message, fixable_below=prio)
+    if c.verdict.verdict_class is VerdictClass.TRANSPARENT:
+        return None
+    message = (
+        f"{describe(c)} shares Datadog's priority {prio}: Datadog's filter, added later, goes "
+        "to the head of the list and runs first, until this vendor re-adds its filter; then "
+        f"it runs first and {_terminal_text(c)}"
+    )
+    return _Finding(Severity.WARNING, message, fixable_below=prio)
+
+
 def _same_priority_findings(
     ordered: Sequence[Classifier], pos: _Position
 ) -> list[tuple[Classifier, _Finding]]:
-    """Datadog not attached yet: what happens when it adds its filter at a taken priority."""
     findings = []
     for c in ordered:
         if c.hook is not HookKind.CLSACT or c.chain != 0 or c.priority != pos.priority:
             continue
-        if c.kind != "bpf" or c.protocol != ETH_P_ALL:
-            findings.append(
-                (
-                    c,
-                    _Finding(
-                        Severity.ERROR,
-                        f"{describe(c)} holds priority {pos.priority} with kind {c.kind} and protocol "
-                        f"{_protocol_name(c.protocol)}: the kernel refuses Datadog's bpf filter (protocol "
-                        "all) at that priority, so it cannot attach on this hook",
-                        fixable_below=pos.priority,
-                    ),
-                )
-            )
-        elif c.verdict.verdict_class is not VerdictClass.TRANSPARENT:
-            findings.append(
-                (
-                    c,
-                    _Finding(
-                        Severity.WARNING,
-                        f"{describe(c)} shares Datadog's priority {pos.priority}: Datadog's filter, added "
-                        "later, goes to the head of the list and runs first, until this vendor re-adds "
-                        f"its filter; then it runs first and {_terminal_text(c)}",
-                        fixable_below=pos.priority,
-                    ),
-                )
-            )
+        finding = _same_priority_finding(c, pos.priority)
+        if finding is not None:
+            findings.append((c, finding))
     return findings
 
 

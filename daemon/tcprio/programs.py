@@ -1,0 +1,65 @@
+"""Fetch every BPF program a scan needs: the attached ones and whatever their tail calls reach.
+
+Program and map ids are global to the node, so this runs outside any namespace. A program or
+map that vanishes while we read it is recorded as an error, never fatal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from tcprio import bpf_syscalls
+from tcprio.model import MapInfo, ProgramInfo
+
+BPF_MAP_TYPE_PROG_ARRAY = 3
+
+
+@dataclass
+class ProgramCatalogue:
+    programs: dict[int, ProgramInfo] = field(default_factory=dict)
+    maps: dict[int, MapInfo] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)  # prog id -> why it could not be read
+    map_errors: dict[int, str] = field(default_factory=dict)
+
+
+def _fetch_program(catalogue: ProgramCatalogue, prog_id: int) -> ProgramInfo | None:
+    try:
+        info = bpf_syscalls.prog_info(prog_id)
+    except OSError as exc:
+        catalogue.errors[prog_id] = f"program {prog_id} could not be read: {exc}"
+        return None
+    catalogue.programs[prog_id] = info
+    return info
+
+
+def _fetch_map(catalogue: ProgramCatalogue, map_id: int) -> MapInfo | None:
+    try:
+        info = bpf_syscalls.map_info(map_id)
+    except OSError as exc:
+        catalogue.map_errors[map_id] = f"map {map_id} could not be read: {exc}"
+        return None
+    catalogue.maps[map_id] = info
+    return info
+
+
+def collect_programs(root_ids: Iterable[int]) -> ProgramCatalogue:
+    """The programs in `root_ids`, and, transitively, those in the prog arrays they use."""
+    catalogue = ProgramCatalogue()
+    pending = list(dict.fromkeys(root_ids))
+    seen_maps: set[int] = set()
+    while pending:
+        prog_id = pending.pop()
+        if prog_id in catalogue.programs or prog_id in catalogue.errors:
+            continue
+        info = _fetch_program(catalogue, prog_id)
+        if info is None:
+            continue
+        for map_id in info.map_ids:
+            if map_id in seen_maps:
+                continue
+            seen_maps.add(map_id)
+            map_info = _fetch_map(catalogue, map_id)
+            if map_info is not None and map_info.prog_array:
+                pending.extend(map_info.prog_array.values())
+    return catalogue

@@ -1,0 +1,367 @@
+"""Turn a scan into what people and scripts read: the text report and the versioned JSON."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from collections import Counter
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from tcprio import __version__
+from tcprio.model import (
+    Classifier,
+    Conflict,
+    HookKind,
+    HookReport,
+    Interface,
+    NamespaceInventory,
+    ProgramInfo,
+    ProgramVerdicts,
+    Remedy,
+    Setting,
+    Severity,
+    VerdictClass,
+)
+from tcprio.scan import Scan
+from tcprio.verdicts import explain
+
+SCHEMA_NAME = "tcprio.scan"
+SCHEMA_VERSION = 1
+
+EXIT_OK, EXIT_FIXABLE, EXIT_CRITICAL, EXIT_FAILED = 0, 1, 2, 3
+
+
+def exit_status(scan: Scan) -> int:
+    severities = {c.severity for c in scan.result.conflicts}
+    if Severity.CRITICAL in severities:
+        return EXIT_CRITICAL
+    if Severity.ERROR in severities:
+        return EXIT_FIXABLE
+    return EXIT_OK
+
+
+# --- JSON ------------------------------------------------------------------------------------
+
+
+def _setting(s: Setting | None) -> dict[str, Any] | None:
+    return None if s is None else {"value": s.value, "source": s.source}
+
+
+def classifier_json(c: Classifier) -> dict[str, Any]:
+    return {
+        "hook": str(c.hook),
+        "position": c.position,
+        "priority": c.priority,
+        "handle": c.handle,
+        "chain": c.chain,
+        "kind": c.kind,
+        "protocol": c.protocol,
+        "direct_action": c.direct_action,
+        "filter_name": c.filter_name,
+        "prog_id": c.prog_id,
+        "link_id": c.link_id,
+        "name": c.name,
+        "vendor": c.vendor,
+        "is_datadog": c.is_datadog,
+        "verdict_class": str(c.verdict.verdict_class),
+        "terminal_actions": list(c.verdict.terminal_actions),
+        "verdict_reason": c.verdict.reason,
+    }
+
+
+def _remedy_json(r: Remedy) -> dict[str, Any]:
+    return {
+        "summary": r.summary,
+        "system_probe_yaml": r.system_probe_yaml,
+        "helm_values": r.helm_values,
+        "environment": r.environment,
+        "extra": list(r.extra),
+    }
+
+
+def conflict_json(c: Conflict) -> dict[str, Any]:
+    return {
+        "namespace": c.namespace,
+        "interface": c.interface,
+        "direction": str(c.direction),
+        "severity": str(c.severity),
+        "message": c.message,
+        "blocker": classifier_json(c.blocker),
+        "blocker_priority": c.blocker.priority,
+        "blocker_hook": str(c.blocker.hook),
+        "datadog_priority": c.datadog_priority,
+        "datadog_attached": c.datadog_attached,
+        "recommended_classifier_priority": c.recommended_priority,
+        "remedies": [_remedy_json(r) for r in c.remedies],
+    }
+
+
+def _hook_reports(scan: Scan) -> dict[tuple[str, str, str], HookReport]:
+    return {(h.namespace, h.interface, str(h.direction)): h for h in scan.result.hooks}
+
+
+def _interface_json(ns_name: str, interface: Interface, reports: dict) -> dict[str, Any]:
+    hooks = []
+    for hook in interface.hooks:
+        report = reports.get((ns_name, interface.name, str(hook.direction)))
+        hooks.append(
+            {
+                "direction": str(hook.direction),
+                "qdisc": hook.qdisc,
+                "error": hook.error,
+                "classifiers": [classifier_json(c) for c in report.classifiers] if report else [],
+                "notes": list(report.notes) if report else [],
+            }
+        )
+    return {
+        "name": interface.name,
+        "ifindex": interface.ifindex,
+        "kind": interface.kind,
+        "hooks": hooks,
+    }
+
+
+def _namespace_json(inv: NamespaceInventory, reports: dict) -> dict[str, Any]:
+    ns = inv.namespace
+    return {
+        "name": ns.name,
+        "inode": ns.inode,
+        "source": ns.source,
+        "path": ns.path,
+        "pid": ns.pid,
+        "container": ns.container,
+        "pod": ns.pod,
+        "error": inv.error,
+        "interfaces": [_interface_json(ns.name, i, reports) for i in inv.interfaces],
+    }
+
+
+def _program_json(info: ProgramInfo, verdicts: ProgramVerdicts | None) -> dict[str, Any]:
+    verdict = None
+    if verdicts is not None:
+        verdict = {
+            "values": None if verdicts.values is None else sorted(verdicts.values),
+            "exits": [
+                {
+                    "prog_id": e.prog_id,
+                    "pc": e.pc,
+                    "values": None if e.values is None else sorted(e.values),
+                    "note": e.note,
+                }
+                for e in verdicts.exits
+            ],
+            "unknown_reasons": list(verdicts.unknown_reasons),
+        }
+    return {
+        "id": info.id,
+        "name": info.name,
+        "tag": info.tag,
+        "type": info.type_name,
+        "load_time_ns": info.load_time_ns,
+        "map_ids": list(info.map_ids),
+        "insn_count": None if info.insns is None else len(info.insns),
+        "error": info.error,
+        "verdict": verdict,
+    }
+
+
+def _datadog_json(scan: Scan) -> dict[str, Any]:
+    dd = scan.datadog
+    return {
+        "network_enabled": _setting(dd.enabled),
+        "classifier_priority": _setting(dd.classifier_priority),
+        "classifier_handle": _setting(dd.classifier_handle),
+        "ingress_enabled": _setting(dd.ingress_enabled),
+        "agent_version": dd.agent_version,
+        "agent_version_source": dd.agent_version_source,
+        "notes": list(dd.notes),
+        "errors": list(dd.errors),
+    }
+
+
+def _summary(scan: Scan) -> dict[str, Any]:
+    counts = Counter(str(c.severity) for c in scan.result.conflicts)
+    return {
+        "namespaces": len(scan.inventories),
+        "interfaces": sum(len(inv.interfaces) for inv in scan.inventories),
+        "classifiers": sum(len(h.classifiers) for h in scan.result.hooks),
+        "conflicts": {str(s): counts.get(str(s), 0) for s in Severity},
+    }
+
+
+def scan_json(scan: Scan) -> dict[str, Any]:
+    reports = _hook_reports(scan)
+    return {
+        "schema": SCHEMA_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "tcprio_version": __version__,
+        "node": socket.gethostname(),
+        "kernel": platform.release(),
+        "scanned_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "duration_seconds": round(scan.duration_s, 6),
+        "exit_status": exit_status(scan),
+        "summary": _summary(scan),
+        "datadog": _datadog_json(scan),
+        "recommended_classifier_priority": scan.result.recommended_priority,
+        "recommendation": scan.result.recommendation_note,
+        "notes": list(scan.result.notes),
+        "conflicts": [conflict_json(c) for c in scan.result.conflicts],
+        "namespaces": [_namespace_json(inv, reports) for inv in scan.inventories],
+        "programs": {
+            str(pid): _program_json(info, scan.verdicts.get(pid))
+            for pid, info in sorted(scan.catalogue.programs.items())
+        },
+        "vanished_namespaces": list(scan.vanished),
+        "errors": list(scan.errors) + sorted(scan.catalogue.errors.values()),
+    }
+
+
+# --- text ------------------------------------------------------------------------------------
+
+
+class Style:
+    """ANSI highlighting, or nothing when the output is not a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def _wrap(self, code: str, text: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.enabled else text
+
+    def severity(self, severity: Severity) -> str:
+        codes = {Severity.CRITICAL: "1;31", Severity.ERROR: "31", Severity.WARNING: "33"}
+        return self._wrap(codes.get(severity, "2"), severity.upper())
+
+    def bold(self, text: str) -> str:
+        return self._wrap("1", text)
+
+    def dim(self, text: str) -> str:
+        return self._wrap("2", text)
+
+
+def _verdict_text(c: Classifier) -> str:
+    if c.verdict.verdict_class is VerdictClass.TERMINAL:
+        return "terminal: " + ", ".join(c.verdict.terminal_actions)
+    return str(c.verdict.verdict_class)
+
+
+def classifier_line(c: Classifier) -> str:
+    if c.hook is HookKind.TCX:
+        where = f"tcx #{c.position}" + (f" link {c.link_id}" if c.link_id else "")
+    else:
+        chain = f" chain {c.chain}" if c.chain else ""
+        where = f"prio {c.priority} handle {c.handle:#x}{chain}"
+    flags = " da" if c.direct_action else (" classid" if c.kind == "bpf" else "")
+    prog = f" prog {c.prog_id}" if c.prog_id is not None else ""
+    vendor = f" [{c.vendor}]" if c.vendor else ""
+    return f"{where:<24} {c.kind}{flags} '{c.name}'{prog}{vendor}  {_verdict_text(c)}"
+
+
+def _setting_line(label: str, s: Setting | None) -> str:
+    if s is None:
+        return f"  {label}: (unknown)"
+    return f"  {label}: {s.value}  ({s.source})"
+
+
+def _datadog_lines(scan: Scan) -> list[str]:
+    dd = scan.datadog
+    lines = ["Datadog Workload Protection network settings:"]
+    lines.append(_setting_line("network.enabled", dd.enabled))
+    lines.append(_setting_line("network.classifier_priority", dd.classifier_priority))
+    lines.append(_setting_line("network.classifier_handle", dd.classifier_handle))
+    if dd.ingress_enabled is not None:
+        lines.append(_setting_line("network.ingress.enabled", dd.ingress_enabled))
+    if dd.agent_version:
+        lines.append(f"  agent version: {dd.agent_version}  ({dd.agent_version_source})")
+    lines += [f"  note: {n}" for n in dd.notes]
+    lines += [f"  bad input ignored: {e}" for e in dd.errors]
+    return lines
+
+
+def _remedy_lines(remedies: Iterable[Remedy], indent: str) -> list[str]:
+    lines = []
+    for r in remedies:
+        lines.append(f"{indent}fix: {r.summary}")
+        for label, text in (
+            ("system-probe.yaml", r.system_probe_yaml),
+            ("Helm values", r.helm_values),
+            ("environment", r.environment),
+        ):
+            if text:
+                lines.append(f"{indent}  {label}:")
+                lines += [f"{indent}    {line}" for line in text.splitlines()]
+        lines += [f"{indent}  {line}" for line in r.extra]
+    return lines
+
+
+def _conflict_lines(scan: Scan, style: Style) -> list[str]:
+    conflicts = scan.result.conflicts
+    if not conflicts:
+        return ["No conflict: nothing runs before Datadog's classifier that could hide packets."]
+    counts = Counter(c.severity for c in conflicts)
+    summary = ", ".join(f"{counts[s]} {s}" for s in Severity if counts[s])
+    lines = [style.bold(f"CONFLICTS ({summary})")]
+    for c in conflicts:
+        where = f"{c.namespace} / {c.interface} {c.direction}"
+        lines.append(f"  {style.severity(c.severity)} {where}: {c.message}")
+        lines += _remedy_lines(c.remedies, "      ")
+    if scan.result.recommendation_note:
+        lines += ["", style.bold("RECOMMENDATION"), f"  {scan.result.recommendation_note}"]
+    return lines
+
+
+def _place(c: Classifier) -> tuple[str, int]:
+    return (str(c.hook), c.position)
+
+
+def _hook_lines(report: HookReport, style: Style, explain_terminal: bool, scan: Scan) -> list[str]:
+    blockers = {_place(c.blocker): c.severity for c in report.conflicts}
+    lines = [f"  {report.interface} {report.direction}"]
+    for c in report.classifiers:
+        mark = ""
+        if _place(c) in blockers:
+            mark = "  <- " + style.severity(blockers[_place(c)])
+        elif c.is_datadog:
+            mark = "  <- Datadog"
+        lines.append(f"    {classifier_line(c)}{mark}")
+        if explain_terminal and c.prog_id in scan.verdicts:
+            lines += [f"        {line}" for line in explain(scan.verdicts[c.prog_id])]
+    lines += [style.dim(f"    note: {n}") for n in report.notes]
+    return lines
+
+
+def _inventory_lines(scan: Scan, style: Style, explain_terminal: bool) -> list[str]:
+    by_namespace: dict[str, list[HookReport]] = {}
+    for report in scan.result.hooks:
+        by_namespace.setdefault(report.namespace, []).append(report)
+    lines = [style.bold("CLASSIFIERS BY NAMESPACE")]
+    if not by_namespace:
+        lines.append("  (no TC classifier on this node)")
+    for ns_name, reports in by_namespace.items():
+        lines.append(style.bold(ns_name))
+        for report in reports:
+            lines += _hook_lines(report, style, explain_terminal, scan)
+    return lines
+
+
+def render_text(scan: Scan, color: bool | None = None, explain_terminal: bool = False) -> str:
+    style = Style(color if color is not None else os.isatty(1))
+    summary = _summary(scan)
+    header = (
+        f"tcprio {__version__} scan of {socket.gethostname()} (kernel {platform.release()}): "
+        f"{summary['namespaces']} namespaces, {summary['interfaces']} interfaces, "
+        f"{summary['classifiers']} classifiers, {scan.duration_s:.2f} s"
+    )
+    lines = [header, ""]
+    lines += _conflict_lines(scan, style) + [""]
+    lines += _datadog_lines(scan) + [""]
+    lines += _inventory_lines(scan, style, explain_terminal)
+    if scan.vanished:
+        lines += ["", f"Namespaces gone during the scan (skipped): {', '.join(scan.vanished)}"]
+    problems = list(scan.errors) + sorted(scan.catalogue.errors.values())
+    if problems:
+        lines += ["", "Problems while reading:"] + [f"  {p}" for p in problems]
+    return "\n".join(lines) + "\n"

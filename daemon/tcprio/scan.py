@@ -1,0 +1,230 @@
+"""One full scan of the node: discover -> enumerate -> analyse. Reporting lives in report.py."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from tcprio import bpf_syscalls, semantics, vendors
+from tcprio.conflicts import DatadogTarget, HookClassifiers, analyse
+from tcprio.datadog_config import resolve_settings
+from tcprio.model import (
+    Classifier,
+    ClassifierVerdict,
+    DatadogSettings,
+    Direction,
+    HookInventory,
+    HookKind,
+    NamespaceInventory,
+    NetNamespace,
+    ProgramVerdicts,
+    ScanResult,
+    TcFilter,
+    TcxEntry,
+    VerdictClass,
+)
+from tcprio.namespaces import discover_namespaces
+from tcprio.programs import ProgramCatalogue, collect_programs
+from tcprio.tc_inventory import read_namespace
+from tcprio.verdicts import analyse_program
+
+
+@dataclass
+class Scan:
+    """Everything one scan found, for the report and the JSON output."""
+
+    inventories: list[NamespaceInventory]
+    catalogue: ProgramCatalogue
+    verdicts: dict[int, ProgramVerdicts]
+    datadog: DatadogSettings
+    result: ScanResult
+    vanished: list[str] = field(default_factory=list)  # namespaces gone mid-scan
+    errors: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+
+
+def enumerate_namespaces(
+    namespaces: Iterable[NetNamespace],
+) -> tuple[list[NamespaceInventory], list[str]]:
+    inventories, vanished = [], []
+    for ns in namespaces:
+        inventory = read_namespace(ns)
+        if inventory is None:
+            vanished.append(ns.name)
+        else:
+            inventories.append(inventory)
+    return inventories, vanished
+
+
+def attached_program_ids(inventories: Iterable[NamespaceInventory]) -> list[int]:
+    ids: list[int] = []
+    for inventory in inventories:
+        for interface in inventory.interfaces:
+            for hook in interface.hooks:
+                ids.extend(f.prog_id for f in hook.filters if f.prog_id is not None)
+                ids.extend(t.prog_id for t in hook.tcx)
+    return ids
+
+
+def analyse_programs(
+    catalogue: ProgramCatalogue, roots: Iterable[int]
+) -> dict[int, ProgramVerdicts]:
+    helper_names = bpf_syscalls.helper_symbols()
+    return {
+        prog_id: analyse_program(prog_id, catalogue.programs, catalogue.maps, helper_names)
+        for prog_id in dict.fromkeys(roots)
+        if prog_id in catalogue.programs
+    }
+
+
+def _unknown(reason: str) -> ClassifierVerdict:
+    return ClassifierVerdict(VerdictClass.UNKNOWN, reason=reason)
+
+
+def _program_values(
+    prog_id: int | None, verdicts: Mapping[int, ProgramVerdicts], catalogue: ProgramCatalogue
+) -> frozenset[int] | str | None:
+    """The program's possible return values, None if unknown, or a string saying why unread."""
+    if prog_id is None:
+        return "the kernel did not report the filter's program id"
+    if prog_id not in verdicts:
+        return catalogue.errors.get(prog_id, f"program {prog_id} vanished during the scan")
+    return verdicts[prog_id].values
+
+
+def filter_verdict(
+    f: TcFilter, verdicts: Mapping[int, ProgramVerdicts], catalogue: ProgramCatalogue
+) -> ClassifierVerdict:
+    if f.kind != "bpf":
+        return semantics.classify_non_bpf_filter(f.kind, f.actions)
+    values = _program_values(f.prog_id, verdicts, catalogue)
+    if isinstance(values, str):
+        return _unknown(values)
+    if f.direct_action:
+        return semantics.classify_clsact_direct_action(values)
+    return semantics.classify_clsact_classid(values, f.actions)
+
+
+def tcx_verdict(
+    entry: TcxEntry, verdicts: Mapping[int, ProgramVerdicts], catalogue: ProgramCatalogue
+) -> ClassifierVerdict:
+    values = _program_values(entry.prog_id, verdicts, catalogue)
+    if isinstance(values, str):
+        return _unknown(values)
+    return semantics.classify_tcx(values)
+
+
+def _identity(prog_name: str | None, filter_name: str | None) -> tuple[str | None, bool]:
+    rule = vendors.identify(prog_name, filter_name)
+    if rule is None:
+        return None, False
+    return rule.name, rule.datadog_classifier
+
+
+def filter_classifier(
+    f: TcFilter, verdicts: Mapping[int, ProgramVerdicts], catalogue: ProgramCatalogue
+) -> Classifier:
+    program = catalogue.programs.get(f.prog_id) if f.prog_id is not None else None
+    prog_name = program.name if program else None
+    vendor, is_datadog = _identity(prog_name, f.name)
+    return Classifier(
+        hook=HookKind.CLSACT,
+        position=f.position,
+        prog_id=f.prog_id,
+        name=prog_name or f.name or f.kind,
+        vendor=vendor,
+        verdict=filter_verdict(f, verdicts, catalogue),
+        priority=f.priority,
+        handle=f.handle,
+        chain=f.chain,
+        kind=f.kind,
+        protocol=f.protocol,
+        direct_action=f.direct_action,
+        filter_name=f.name,
+        is_datadog=is_datadog,
+    )
+
+
+def tcx_classifier(
+    entry: TcxEntry, verdicts: Mapping[int, ProgramVerdicts], catalogue: ProgramCatalogue
+) -> Classifier:
+    program = catalogue.programs.get(entry.prog_id)
+    prog_name = program.name if program else None
+    vendor, _ = _identity(prog_name, None)
+    return Classifier(
+        hook=HookKind.TCX,
+        position=entry.position,
+        prog_id=entry.prog_id,
+        name=prog_name or f"prog {entry.prog_id}",
+        vendor=vendor,
+        verdict=tcx_verdict(entry, verdicts, catalogue),
+        kind="bpf",
+        link_id=entry.link_id,
+    )
+
+
+def hook_classifiers(
+    ns_name: str,
+    ifname: str,
+    hook: HookInventory,
+    verdicts: Mapping[int, ProgramVerdicts],
+    catalogue: ProgramCatalogue,
+) -> HookClassifiers:
+    found = [tcx_classifier(t, verdicts, catalogue) for t in hook.tcx]
+    found += [filter_classifier(f, verdicts, catalogue) for f in hook.filters]
+    return HookClassifiers(ns_name, ifname, hook.direction, tuple(found))
+
+
+def all_hooks(
+    inventories: Iterable[NamespaceInventory],
+    verdicts: Mapping[int, ProgramVerdicts],
+    catalogue: ProgramCatalogue,
+) -> list[HookClassifiers]:
+    hooks = []
+    for inventory in inventories:
+        for interface in inventory.interfaces:
+            for hook in interface.hooks:
+                if hook.filters or hook.tcx:
+                    hooks.append(
+                        hook_classifiers(
+                            inventory.namespace.name, interface.name, hook, verdicts, catalogue
+                        )
+                    )
+    return hooks
+
+
+def datadog_target(settings: DatadogSettings) -> DatadogTarget:
+    directions = {Direction.EGRESS}
+    ingress = settings.ingress_enabled
+    if ingress is None or bool(ingress.value):
+        directions.add(Direction.INGRESS)
+    return DatadogTarget(
+        priority=int(settings.classifier_priority.value),  # type: ignore[call-overload]
+        enabled=bool(settings.enabled.value),
+        directions=frozenset(directions),
+    )
+
+
+def run_scan(
+    discover: Callable[[], list[NetNamespace]] = discover_namespaces,
+    settings: DatadogSettings | None = None,
+) -> Scan:
+    started = time.monotonic()
+    inventories, vanished = enumerate_namespaces(discover())
+    roots = attached_program_ids(inventories)
+    catalogue = collect_programs(roots)
+    verdicts = analyse_programs(catalogue, roots)
+    datadog = settings if settings is not None else resolve_settings()
+    result = analyse(all_hooks(inventories, verdicts, catalogue), datadog_target(datadog))
+    errors = [f"{inv.namespace.name}: {inv.error}" for inv in inventories if inv.error]
+    return Scan(
+        inventories=inventories,
+        catalogue=catalogue,
+        verdicts=verdicts,
+        datadog=datadog,
+        result=result,
+        vanished=vanished,
+        errors=errors,
+        duration_s=time.monotonic() - started,
+    )
