@@ -131,21 +131,32 @@ def _pid_dirs(proc: Path) -> list[Path]:
     return [proc / n for n in sorted((n for n in names if n.isdigit()), key=int)]
 
 
+def _host_namespace(proc: Path) -> NetNamespace | None:
+    """pid 1's namespace; where pid 1 hides it (a sandbox), the one tcprio runs in.
+
+    tcprio runs in the host's network namespace (a systemd service, or a hostNetwork pod).
+    """
+    for path, source in (
+        (proc / "1" / "ns" / "net", "host"),
+        (proc / "self" / "ns" / "net", "self"),
+    ):
+        key = _nsfs_key(path)
+        if key is not None:
+            pid = 1 if source == "host" else os.getpid()
+            return NetNamespace(
+                inode=key[1], dev=key[0], name="host", path=str(path), source=source, pid=pid
+            )
+    return None
+
+
 def discover_namespaces(
     proc: Path = Path("/proc"), named_dirs: Iterable[Path] = NAMED_NETNS_DIRS
 ) -> list[NetNamespace]:
     """Every network namespace of the node: host first, then named ones, then the rest by pid."""
     found: dict[tuple[int, int], NetNamespace] = {}
-    host_key = _nsfs_key(proc / "1" / "ns" / "net")
-    if host_key is not None:
-        found[host_key] = NetNamespace(
-            inode=host_key[1],
-            dev=host_key[0],
-            name="host",
-            path=str(proc / "1" / "ns" / "net"),
-            source="host",
-            pid=1,
-        )
+    host = _host_namespace(proc)
+    if host is not None:
+        found[host.key] = host
     for ns in _named_namespaces(named_dirs):
         found.setdefault(ns.key, ns)
     for proc_dir in _pid_dirs(proc):
