@@ -11,3 +11,5 @@ sys.path.insert(0, str(ROOT / "daemon"))
 
 if os.geteuid() != 0:
     raise SystemExit("tcprio's tests need root: they build namespaces and load BPF programs")
+
+from tests.bpf_programs import classifier_programs  # noqa: E402, F401  (session fixture)
