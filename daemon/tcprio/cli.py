@@ -7,6 +7,7 @@ import fnmatch
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from tcprio import __version__, privileges
 from tcprio.model import NetNamespace
@@ -42,6 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GLOB",
         help="only scan namespaces whose name matches GLOB (repeatable; default: all)",
     )
+    parser.add_argument(
+        "--datadog-config",
+        action="append",
+        metavar="FILE",
+        help="Datadog system-probe.yaml / security-agent.yaml to read instead of the ones in "
+        "/etc/datadog-agent (repeatable; a running system-probe's own config still wins)",
+    )
+    parser.add_argument(
+        "--cilium-version",
+        metavar="VERSION",
+        help="Cilium's version, to check the known incompatible Cilium/agent pair",
+    )
     return parser
 
 
@@ -61,11 +74,20 @@ def run_scan_command(args: argparse.Namespace) -> int:
         print(f"tcprio: {problem}", file=sys.stderr)
         return EXIT_FAILED
     # Imported here so that `--help` and the privilege check stay fast and dependency-light.
+    from tcprio.datadog_config import DEFAULT_FILES, resolve_settings
     from tcprio.report import exit_status, render_text, scan_json
     from tcprio.scan import run_scan
 
+    files = [Path(f) for f in args.datadog_config] if args.datadog_config else DEFAULT_FILES
+    settings = resolve_settings(files=files)
+    for error in settings.errors:
+        print(f"tcprio: bad Datadog setting ignored: {error}", file=sys.stderr)
     try:
-        scan = run_scan(discover=_namespace_filter(args.netns))
+        scan = run_scan(
+            discover=_namespace_filter(args.netns),
+            settings=settings,
+            cilium_version=args.cilium_version,
+        )
     except Exception as exc:  # the one place a failed scan becomes exit status 3
         print(f"tcprio: scan failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED

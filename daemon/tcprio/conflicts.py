@@ -25,6 +25,10 @@ from tcprio.model import (
 SEVERITY_ORDER = {Severity.CRITICAL: 0, Severity.ERROR: 1, Severity.WARNING: 2, Severity.INFO: 3}
 
 
+def severity_rank(conflict: Conflict) -> int:
+    return SEVERITY_ORDER[conflict.severity]
+
+
 @dataclass(frozen=True)
 class HookClassifiers:
     """A hook's classifiers, already identified and classified, in any order."""
@@ -284,6 +288,15 @@ def _recommendation_note(limits: Sequence[int], recommended: int | None) -> str:
     return note
 
 
+def _fixed_by_priority(c: Conflict) -> bool:
+    """Errors, and terminal classifiers racing Datadog at its own priority."""
+    if c.severity is Severity.ERROR:
+        return True
+    return (
+        c.severity is Severity.WARNING and c.blocker.verdict.verdict_class is VerdictClass.TERMINAL
+    )
+
+
 def _downgrade(conflict: Conflict) -> Conflict:
     return replace(
         conflict,
@@ -306,14 +319,14 @@ def analyse(hooks: Iterable[HookClassifiers], target: DatadogTarget) -> ScanResu
     )
     for report in reports:
         conflicts = tuple(
-            replace(c, recommended_priority=recommended) if c.severity is Severity.ERROR else c
+            replace(c, recommended_priority=recommended) if _fixed_by_priority(c) else c
             for c in report.conflicts
         )
         if not target.enabled:
             conflicts = tuple(_downgrade(c) for c in conflicts)
         result.hooks.append(replace(report, conflicts=conflicts))
         result.conflicts.extend(conflicts)
-    result.conflicts.sort(key=lambda c: SEVERITY_ORDER[c.severity])
+    result.conflicts.sort(key=severity_rank)
     if not target.enabled:
         result.notes.append("Datadog network detection is disabled: no conflict can hurt it")
     return result

@@ -26,6 +26,7 @@ from tcprio.model import (
 )
 from tcprio.namespaces import discover_namespaces
 from tcprio.programs import ProgramCatalogue, collect_programs
+from tcprio.remedies import attach_remedies, incompatibility_notes
 from tcprio.tc_inventory import read_namespace
 from tcprio.verdicts import analyse_program
 
@@ -206,9 +207,14 @@ def datadog_target(settings: DatadogSettings) -> DatadogTarget:
     )
 
 
+def _has_vendor(result: ScanResult, vendor: str) -> bool:
+    return any(c.vendor == vendor for hook in result.hooks for c in hook.classifiers)
+
+
 def run_scan(
     discover: Callable[[], list[NetNamespace]] = discover_namespaces,
     settings: DatadogSettings | None = None,
+    cilium_version: str | None = None,
 ) -> Scan:
     started = time.monotonic()
     inventories, vanished = enumerate_namespaces(discover())
@@ -217,6 +223,10 @@ def run_scan(
     verdicts = analyse_programs(catalogue, roots)
     datadog = settings if settings is not None else resolve_settings()
     result = analyse(all_hooks(inventories, verdicts, catalogue), datadog_target(datadog))
+    result = attach_remedies(result, datadog)
+    result.notes.extend(
+        incompatibility_notes(datadog, cilium_version, _has_vendor(result, "Cilium"))
+    )
     errors = [f"{inv.namespace.name}: {inv.error}" for inv in inventories if inv.error]
     return Scan(
         inventories=inventories,
