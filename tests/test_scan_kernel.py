@@ -185,7 +185,7 @@ def test_terminal_actions_are_named(scene: Scene):
     }
     assert actions["term_ok"] == {"TC_ACT_OK"}
     assert actions["term_shot"] == {"TC_ACT_SHOT"}
-    assert actions["term_redirect"] == {"TC_ACT_REDIRECT", "TC_ACT_SHOT"}
+    assert actions["term_redirect"] == {"TC_ACT_REDIRECT"}  # flags 0: bpf_redirect cannot fail
     assert actions["by_packet"] == {"TC_ACT_SHOT"}
     assert actions["bpf2bpf_call"] == {"TC_ACT_OK"}
     assert actions["tail_entry"] == {"TC_ACT_OK"}
@@ -287,7 +287,8 @@ def test_tcx_links_equal_bpftool_link_show(scene: Scene):
 def test_programs_equal_bpftool_prog_show(scene: Scene):
     for prog_id, info in scene.scan.catalogue.programs.items():
         theirs = json.loads(run("bpftool", "-j", "prog", "show", "id", str(prog_id)).stdout)
-        assert info.name == theirs["name"]
+        # The kernel keeps 15 characters of a name; bpftool prints the full one from BTF.
+        assert theirs["name"].startswith(info.name) and len(info.name) <= 15
         assert info.tag == theirs["tag"]
         assert info.type_name == theirs["type"]
         assert list(info.map_ids) == theirs.get("map_ids", [])
