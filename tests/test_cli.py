@@ -90,8 +90,9 @@ def test_the_configured_priority_comes_from_the_environment(node: TestNetns):
     status, doc = scan_json(node, env)
     assert status == 0, doc["conflicts"]
     assert doc["datadog"]["classifier_priority"]["value"] == 3
-    assert "DD_RUNTIME_SECURITY_CONFIG_NETWORK_CLASSIFIER_PRIORITY" in (
-        doc["datadog"]["classifier_priority"]["source"]
+    assert (
+        "DD_RUNTIME_SECURITY_CONFIG_NETWORK_CLASSIFIER_PRIORITY"
+        in (doc["datadog"]["classifier_priority"]["source"])
     )
 
 
@@ -129,3 +130,49 @@ def test_no_mode_is_a_usage_error():
     proc = tcprio()
     assert proc.returncode == 3
     assert "--scan" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("runtime_security_config: [unclosed\n", "YAML"),
+        ("runtime_security_config:\n  network:\n    classifier_priority: abc\n", "'abc'"),
+        ("event_monitoring_config:\n  network:\n    classifier_priority: 70000\n", "70000"),
+        ("- just\n- a list\n", "mapping"),
+    ],
+)
+def test_bad_datadog_config_is_one_line_and_the_scan_goes_on(node, tmp_path, content, expected):
+    attach_filter(node, "veth0", E, 5, "term_shot")
+    config = tmp_path / "system-probe.yaml"
+    config.write_text(content)
+    proc = tcprio("--scan", "--format", "json", "--netns", node.name,
+                  "--datadog-config", str(config))  # fmt: skip
+    assert proc.returncode == 1  # the default priority 10 still applies: fixable conflict
+    errors = [line for line in proc.stderr.splitlines() if line]
+    assert len(errors) == 1, proc.stderr
+    assert str(config) in errors[0] and expected in errors[0]
+    doc = json.loads(proc.stdout)
+    assert doc["datadog"]["classifier_priority"] == {"value": 10, "source": "default"}
+    assert len(doc["datadog"]["errors"]) == 1
+
+
+def test_unreadable_datadog_config_is_one_line(node, tmp_path):
+    folder = tmp_path / "system-probe.yaml"
+    folder.mkdir()  # a directory where a file should be: unreadable even for root
+    proc = tcprio("--scan", "--netns", node.name, "--datadog-config", str(folder))
+    assert proc.returncode == 0, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line]
+    assert len(errors) == 1 and str(folder) in errors[0]
+
+
+def test_config_file_priority_is_used_and_labelled(node, tmp_path):
+    attach_filter(node, "veth0", E, 5, "term_shot")
+    config = tmp_path / "system-probe.yaml"
+    config.write_text("runtime_security_config:\n  network:\n    classifier_priority: 4\n")
+    proc = tcprio("--scan", "--format", "json", "--netns", node.name,
+                  "--datadog-config", str(config))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout
+    setting = json.loads(proc.stdout)["datadog"]["classifier_priority"]
+    assert setting["value"] == 4
+    assert str(config) in setting["source"]
+    assert "runtime_security_config.network.classifier_priority" in setting["source"]

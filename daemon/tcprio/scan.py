@@ -71,11 +71,13 @@ def attached_program_ids(inventories: Iterable[NamespaceInventory]) -> list[int]
 def analyse_programs(
     catalogue: ProgramCatalogue, roots: Iterable[int]
 ) -> dict[int, ProgramVerdicts]:
-    helper_names = bpf_syscalls.helper_symbols()
+    wanted = [p for p in dict.fromkeys(roots) if p in catalogue.programs]
+    if not wanted:
+        return {}
+    helper_names = bpf_syscalls.helper_symbols()  # ~150 ms reading /proc/kallsyms: only if needed
     return {
         prog_id: analyse_program(prog_id, catalogue.programs, catalogue.maps, helper_names)
-        for prog_id in dict.fromkeys(roots)
-        if prog_id in catalogue.programs
+        for prog_id in wanted
     }
 
 
