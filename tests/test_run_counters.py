@@ -88,7 +88,8 @@ def test_terminal_at_priority_1_starves_datadog_and_tcprio_says_critical(
     )
     assert arrived == PACKETS  # TC_ACT_OK lets the packets through...
     assert runs["term_ok"] >= PACKETS and seen["term_ok"] >= PACKETS
-    assert runs["classifier_egress"] == 0 and seen["classifier_egress"] == 0  # ...but ends the chain
+    # ...but ends the chain: the observer never runs
+    assert runs["classifier_egress"] == 0 and seen["classifier_egress"] == 0
     scan = scan_only({tx.name}, datadog_settings())
     assert [(c.interface, c.severity) for c in scan.result.conflicts] == [
         ("a0", Severity.CRITICAL)
