@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from tcprio import bpf_syscalls
 from tcprio.bcc_support import prepare_bcc_environment
 from tcprio.model import ETH_P_ALL, Direction
-
 from tests.kernel import TestNetns
 
 CLASSIFIERS_C = Path(__file__).resolve().parent.parent / "bpf" / "classifiers.c"

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from tcprio import bpf_syscalls
 from tcprio.model import Direction, Instruction
-
 from tests.bpf_programs import (
     PROGRAM_NAMES,
     ClassifierPrograms,

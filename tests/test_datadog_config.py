@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from tcprio import datadog_config as dc
 from tcprio.model import DatadogSettings, Setting
 

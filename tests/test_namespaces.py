@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from tcprio.namespaces import (
     NamespaceGone,
     current_namespace_key,
@@ -19,7 +20,6 @@ from tcprio.namespaces import (
     entered,
     parse_cgroup,
 )
-
 from tests.kernel import netns
 
 CONTAINER = "a" * 8 + "0123456789abcdef" * 3 + "b" * 8

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tcprio import semantics
 from tcprio.model import VerdictClass
 

@@ -7,9 +7,9 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tcprio.model import Instruction, MapInfo, ProgramInfo, ProgramVerdicts
 from tcprio.verdicts import AnalysisLimits, analyse_program, explain
-
 from tests.bpf_asm import (
     R0,
     R1,
@@ -851,6 +851,31 @@ def test_4096_instruction_program_is_fast() -> None:
     elapsed = time.perf_counter() - start
     assert verdicts.values == {-2, -1, 0}  # r0 is all ones until the first masking
     assert elapsed < 0.5, elapsed  # about 30 ms on the development VM
+
+
+def test_verifier_scratch_register_ax_as_in_a_rewritten_may_goto() -> None:
+    ax = 11
+    verdicts = analyse(
+        program(
+            1,
+            st_imm(8, R10, -8, 8),
+            label("loop"),
+            ldx(8, ax, R10, -8),
+            jeq_imm(ax, 0, "out"),
+            alu64_imm("sub", ax, 1),
+            stx(8, R10, ax, -8),
+            ja("loop"),
+            label("out"),
+            mov64_reg(R0, ax),  # the counter, refined to 0 on the exit edge
+            exit_(),
+        )
+    )
+    assert verdicts.values == {0}
+
+
+def test_may_goto_takes_both_ways() -> None:
+    may_goto = Instruction(0xE5, 0, 0, 2, 0)
+    assert values_of(may_goto, mov64_imm(R0, 0), exit_(), mov64_imm(R0, 2), exit_()) == {0, 2}
 
 
 # --- malformed input -----------------------------------------------------------------------

@@ -11,10 +11,10 @@ import struct
 from dataclasses import dataclass
 
 import pytest
+
 from tcprio import bpf_syscalls, semantics
 from tcprio.model import ClassifierVerdict, MapInfo, ProgramInfo, ProgramVerdicts, VerdictClass
 from tcprio.verdicts import analyse_program, explain
-
 from tests.bpf_programs import ClassifierPrograms
 
 TERMINAL, TRANSPARENT = VerdictClass.TERMINAL, VerdictClass.TRANSPARENT
