@@ -71,9 +71,8 @@ def _protocol_name(protocol: int) -> str:
 
 def describe(c: Classifier) -> str:
     vendor = f"{c.vendor} " if c.vendor else ""
-    ident = f"prog {c.prog_id} " if c.prog_id is not None else ""
-    where = "tcx" if c.hook is HookKind.TCX else f"priority {c.priority}"
-    return f"{vendor}{c.kind} classifier '{c.name}' ({ident}{where})"
+    ident = f" (prog {c.prog_id})" if c.prog_id is not None else ""
+    return f"{vendor}{c.kind} classifier '{c.name}'{ident}"
 
 
 def _terminal_text(c: Classifier) -> str:
@@ -140,8 +139,8 @@ def _clsact_finding(c: Classifier, pos: _Position) -> _Finding | None:
     if c.verdict.verdict_class is VerdictClass.UNKNOWN:
         return _Finding(
             Severity.WARNING,
-            f"{describe(c)} runs before Datadog's classifier (priority {pos.priority}) and tcprio "
-            f"could not prove what it returns ({c.verdict.reason})",
+            f"{describe(c)} at priority {prio} runs before Datadog's classifier (priority "
+            f"{pos.priority}) and tcprio could not prove what it returns ({c.verdict.reason})",
         )
     if c.verdict.verdict_class is not VerdictClass.TERMINAL:
         return None

@@ -254,7 +254,9 @@ def classifier_line(c: Classifier) -> str:
     else:
         chain = f" chain {c.chain}" if c.chain else ""
         where = f"prio {c.priority} handle {c.handle:#x}{chain}"
-    flags = " da" if c.direct_action else (" classid" if c.kind == "bpf" else "")
+    flags = ""
+    if c.hook is HookKind.CLSACT and c.kind == "bpf":
+        flags = " da" if c.direct_action else " classid"
     prog = f" prog {c.prog_id}" if c.prog_id is not None else ""
     vendor = f" [{c.vendor}]" if c.vendor else ""
     return f"{where:<24} {c.kind}{flags} '{c.name}'{prog}{vendor}  {_verdict_text(c)}"
@@ -281,20 +283,32 @@ def _datadog_lines(scan: Scan) -> list[str]:
     return lines
 
 
-def _remedy_lines(remedies: Iterable[Remedy], indent: str) -> list[str]:
-    lines = []
-    for r in remedies:
-        lines.append(f"{indent}fix: {r.summary}")
-        for label, text in (
-            ("system-probe.yaml", r.system_probe_yaml),
-            ("Helm values", r.helm_values),
-            ("environment", r.environment),
-        ):
-            if text:
-                lines.append(f"{indent}  {label}:")
-                lines += [f"{indent}    {line}" for line in text.splitlines()]
-        lines += [f"{indent}  {line}" for line in r.extra]
+def _indented(text: str, indent: str) -> list[str]:
+    return [f"{indent}{line}" for line in text.splitlines() if line.strip()]
+
+
+def _remedy_lines(label: str, r: Remedy, indent: str) -> list[str]:
+    lines = [f"{indent}[{label}] {r.summary}"]
+    for title, text in (
+        ("system-probe.yaml", r.system_probe_yaml),
+        ("Helm values", r.helm_values),
+        ("environment", r.environment),
+    ):
+        if text:
+            lines.append(f"{indent}    {title}:")
+            lines += _indented(text, f"{indent}      ")
+    for extra in r.extra:
+        lines += _indented(extra, f"{indent}    ")
     return lines
+
+
+def _remedy_labels(conflicts: Iterable[Conflict]) -> dict[Remedy, str]:
+    """One label per distinct remedy, in order of first use: many conflicts share a fix."""
+    labels: dict[Remedy, str] = {}
+    for conflict in conflicts:
+        for remedy in conflict.remedies:
+            labels.setdefault(remedy, str(len(labels) + 1))
+    return labels
 
 
 def _conflict_lines(scan: Scan, style: Style) -> list[str]:
@@ -303,13 +317,20 @@ def _conflict_lines(scan: Scan, style: Style) -> list[str]:
         return ["No conflict: nothing runs before Datadog's classifier that could hide packets."]
     counts = Counter(c.severity for c in conflicts)
     summary = ", ".join(f"{counts[s]} {s}" for s in Severity if counts[s])
+    labels = _remedy_labels(conflicts)
     lines = [style.bold(f"CONFLICTS ({summary})")]
     for c in conflicts:
         where = f"{c.namespace} / {c.interface} {c.direction}"
         lines.append(f"  {style.severity(c.severity)} {where}: {c.message}")
-        lines += _remedy_lines(c.remedies, "      ")
+        if c.remedies:
+            fixes = ", or ".join(f"[{labels[r]}]" for r in c.remedies)
+            lines.append(f"      fix: {fixes}")
     if scan.result.recommendation_note:
         lines += ["", style.bold("RECOMMENDATION"), f"  {scan.result.recommendation_note}"]
+    if labels:
+        lines += ["", style.bold("HOW TO FIX")]
+        for remedy, label in labels.items():
+            lines += _remedy_lines(label, remedy, "  ")
     return lines
 
 

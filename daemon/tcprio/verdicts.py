@@ -804,7 +804,9 @@ class _Analysis:
         self.contexts.append(ctx)
         return len(self.contexts) - 1
 
-    def _propagate(self, ctx: Ctx, pc: int, state: State, src: tuple[int, int] | None = None):
+    def _propagate(
+        self, ctx: Ctx, pc: int, state: State, src: tuple[int, int] | None = None
+    ) -> None:
         prog = ctx[1]
         ci = self._context_id(ctx, *(src or (prog, pc)))
         if ci is None:
@@ -848,9 +850,6 @@ class _Analysis:
             self.visits += 1
             if self.visits > limit:
                 raise _Abort(f"analysis stopped after {limit} instructions (limit reached)")
-            if pc >= len(insns):
-                self._unknown(prog, pc - 1, "execution runs past the end of the program")
-                return
             if pc in broken:
                 self._unknown(prog, pc, broken[pc])
                 return
@@ -878,6 +877,9 @@ class _Analysis:
                 return
             if problem:
                 self._unknown(prog, pc, problem)
+                return
+            if next_pc >= len(insns):
+                self._unknown(prog, pc, "execution runs past the end of the program")
                 return
             if next_pc in leaders:
                 self._propagate(ctx, next_pc, State(tuple(regs), stack, state.frames), (prog, pc))
@@ -1051,16 +1053,16 @@ class _Analysis:
         size: int,
         pc: int,
     ) -> tuple[str | None, dict[SlotKey, tuple[Piece, ...]]]:
-        _code, dst, src, off, imm = insn
+        code, dst, src, off, imm = insn
         if imm == ATOMIC_LOAD_ACQ:
             if dst not in WRITABLE:
                 return f"invalid register in an atomic load at pc {pc}", stack
             problem = self._load(
-                regs, stack, (LDX | MODE_MEM | (_code & 0x18), dst, src, off, 0), pc
+                regs, stack, (LDX | MODE_MEM | (code & 0x18), dst, src, off, 0), pc
             )
             return problem, stack
         if imm == ATOMIC_STORE_REL:
-            return self._store(regs, stack, (STX | MODE_MEM | (_code & 0x18), dst, src, off, 0), pc)
+            return self._store(regs, stack, (STX | MODE_MEM | (code & 0x18), dst, src, off, 0), pc)
         if imm & ~ATOMIC_FETCH not in ATOMIC_OPS and imm not in (ATOMIC_XCHG, ATOMIC_CMPXCHG):
             return f"unknown atomic operation {imm:#x} at pc {pc}", stack
         stack = self._clobber_through(regs[dst], off, size, stack, pc)
