@@ -162,6 +162,7 @@ def test_observed_datadog_position_wins_over_configured_priority():
     assert result.conflicts[0].datadog_priority == 12
     assert result.conflicts[0].datadog_attached
     assert result.recommended_priority == 10
+    assert "sits at priority 12 here, not at the configured 10" in result.hooks[0].notes[0]
 
 
 def test_priority_1_shared_with_datadog_is_critical():

@@ -216,6 +216,17 @@ def _protected(hook: HookClassifiers, ordered: Sequence[Classifier], target: Dat
     return hook.direction in target.directions
 
 
+def _position_notes(pos: _Position, target: DatadogTarget) -> tuple[str, ...]:
+    if not pos.attached:
+        return (f"Datadog's classifier is not attached here; assumed at priority {pos.priority}",)
+    if pos.priority != target.priority:
+        return (
+            f"Datadog's classifier sits at priority {pos.priority} here, not at the configured "
+            f"{target.priority}: the agent has not re-attached it since the setting changed",
+        )
+    return ()
+
+
 def analyse_hook(hook: HookClassifiers, target: DatadogTarget) -> tuple[HookReport, list[int]]:
     """The hook's report, and the priorities below which Datadog would escape its blockers."""
     ordered = execution_order(hook.classifiers)
@@ -235,12 +246,7 @@ def analyse_hook(hook: HookClassifiers, target: DatadogTarget) -> tuple[HookRepo
         found.extend(_same_priority_findings(ordered, pos))
     conflicts = tuple(_conflict(hook, c, f, pos) for c, f in found)
     limits = [f.fixable_below for _, f in found if f.fixable_below is not None]
-    notes = (
-        ()
-        if pos.attached
-        else (f"Datadog's classifier is not attached here; assumed at priority {pos.priority}",)
-    )
-    return replace(report, conflicts=conflicts, notes=notes), limits
+    return replace(report, conflicts=conflicts, notes=_position_notes(pos, target)), limits
 
 
 def _taken_priorities(reports: Iterable[HookReport]) -> set[int]:
