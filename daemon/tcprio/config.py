@@ -1,0 +1,333 @@
+"""The daemon's YAML configuration: parsed, validated, every problem one clear line.
+
+A bad file never half-applies: `load_config` returns a complete DaemonConfig or raises
+ConfigError carrying one line per problem, each naming the file, the key, the value and what
+is allowed. The daemon keeps its last good configuration when a reload fails.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG_PATH = Path("/etc/tcprio/tcprio.yaml")
+DEFAULT_LISTEN = "0.0.0.0:9842"
+MAX_CONFIG_BYTES = 1 << 20
+DEFAULT_DATADOG_FILES = (
+    "/etc/datadog-agent/system-probe.yaml",
+    "/etc/datadog-agent/security-agent.yaml",
+)
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Observer:
+    """A classifier to protect besides Datadog's (Retina, Beyla, your own)."""
+
+    name: str
+    programs: tuple[str, ...] = ()  # globs on program names
+    filters: tuple[str, ...] = ()  # globs on cls_bpf filter names
+    priority: int | None = None  # where it attaches when it is not attached yet
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True)
+class BasicAuth:
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 9842
+    resync_interval: float = 300.0
+    proc_sweep_interval: float = 10.0
+    tcx_poll_interval: float = 1.0
+    debounce: float = 0.05
+    datadog_files: tuple[Path, ...] = tuple(Path(p) for p in DEFAULT_DATADOG_FILES)
+    scan_datadog_processes: bool = True
+    include_namespaces: tuple[str, ...] = ("*",)
+    exclude_namespaces: tuple[str, ...] = ()
+    observers: tuple[Observer, ...] = ()
+    tls: TlsConfig | None = None
+    basic_auth: BasicAuth | None = None
+    live_probe: bool = True
+    log_level: str = "info"
+    source: str = "defaults"
+
+    @property
+    def listen_address(self) -> str:
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        return f"{host}:{self.listen_port}"
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _Checker:
+    """Collects problems while reading one document."""
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+        self.problems: list[str] = []
+
+    def problem(self, key: str, value: object, allowed: str) -> None:
+        shown = repr(value) if not isinstance(value, str) else f"'{value}'"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        self.problems.append(f"{self.origin}: {key}: {shown} is not {allowed}")
+
+    def number(self, data: Mapping, key: str, default: float, low: float, high: float) -> float:
+        value = data.get(key, default)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not low <= value <= high
+        ):
+            self.problem(key, value, f"a number of seconds in {low:g}..{high:g}")
+            return default
+        return float(value)
+
+    def boolean(self, data: Mapping, key: str, default: bool) -> bool:
+        value = data.get(key, default)
+        if not isinstance(value, bool):
+            self.problem(key, value, "true or false")
+            return default
+        return value
+
+    def string_list(self, data: Mapping, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = data.get(key, list(default))
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.problem(key, value, "a list of non-empty strings")
+            return default
+        return tuple(value)
+
+    def mapping(self, data: Mapping, key: str) -> Mapping | None:
+        value = data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self.problem(key, value, "a mapping")
+            return None
+        return value
+
+    def unknown_keys(self, data: Mapping, allowed: set[str], prefix: str = "") -> None:
+        names = ", ".join(sorted(allowed))
+        for key in data:
+            if key not in allowed:
+                self.problems.append(f"{self.origin}: {prefix}{key}: unknown key (allowed: {names})")
+
+
+def parse_listen_address(text: object) -> tuple[str, int] | None:
+    """'HOST:PORT' or '[V6]:PORT' -> (host, port); None when malformed."""
+    if not isinstance(text, str) or ":" not in text:
+        return None
+    host, _, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def _listen(c: _Checker, data: Mapping) -> tuple[str, int]:
+    value = data.get("listen_address", DEFAULT_LISTEN)
+    parsed = parse_listen_address(value)
+    if parsed is None:
+        c.problem("listen_address", value, "HOST:PORT with a port in 1..65535")
+        return parse_listen_address(DEFAULT_LISTEN)  # type: ignore[return-value]
+    return parsed
+
+
+def _observer(c: _Checker, index: int, entry: object) -> Observer | None:
+    key = f"observers[{index}]"
+    if not isinstance(entry, dict):
+        c.problem(key, entry, "a mapping with name, programs/filters and priority")
+        return None
+    c.unknown_keys(entry, {"name", "programs", "filters", "priority"}, f"{key}.")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        c.problem(f"{key}.name", name, "a non-empty string")
+        return None
+    programs = c.string_list(entry, "programs", ())
+    filters = c.string_list(entry, "filters", ())
+    if not programs and not filters:
+        c.problems.append(f"{c.origin}: {key}: needs programs or filters to recognise it")
+        return None
+    priority = entry.get("priority")
+    if priority is not None and (
+        isinstance(priority, bool) or not isinstance(priority, int) or not 1 <= priority <= 65535
+    ):
+        c.problem(f"{key}.priority", priority, "an integer in 1..65535")
+        priority = None
+    return Observer(name=name, programs=programs, filters=filters, priority=priority)
+
+
+def _observers(c: _Checker, data: Mapping) -> tuple[Observer, ...]:
+    value = data.get("observers", [])
+    if not isinstance(value, list):
+        c.problem("observers", value, "a list")
+        return ()
+    found = (_observer(c, i, entry) for i, entry in enumerate(value))
+    return tuple(o for o in found if o is not None)
+
+
+def _readable_file(c: _Checker, key: str, value: object) -> Path | None:
+    if not isinstance(value, str) or not value:
+        c.problem(key, value, "a file path")
+        return None
+    path = Path(value)
+    if not path.is_file() or not os.access(path, os.R_OK):
+        c.problem(key, value, "a readable file")
+        return None
+    return path
+
+
+def _tls(c: _Checker, data: Mapping) -> TlsConfig | None:
+    section = c.mapping(data, "tls")
+    if section is None:
+        return None
+    c.unknown_keys(section, {"cert_file", "key_file"}, "tls.")
+    cert = _readable_file(c, "tls.cert_file", section.get("cert_file"))
+    key = _readable_file(c, "tls.key_file", section.get("key_file"))
+    return TlsConfig(cert, key) if cert and key else None
+
+
+def _basic_auth(c: _Checker, data: Mapping) -> BasicAuth | None:
+    section = c.mapping(data, "basic_auth")
+    if section is None:
+        return None
+    c.unknown_keys(section, {"username", "password_file"}, "basic_auth.")
+    username = section.get("username")
+    if not isinstance(username, str) or not username or ":" in username:
+        c.problem("basic_auth.username", username, "a non-empty string without ':'")
+        return None
+    path = _readable_file(c, "basic_auth.password_file", section.get("password_file"))
+    if path is None:
+        return None
+    password = path.read_text(errors="replace").strip()
+    if not password:
+        c.problems.append(f"{c.origin}: basic_auth.password_file: {path} is empty")
+        return None
+    return BasicAuth(username, password)
+
+
+def _datadog(c: _Checker, data: Mapping) -> tuple[tuple[Path, ...], bool]:
+    section = c.mapping(data, "datadog") or {}
+    c.unknown_keys(section, {"config_files", "scan_processes"}, "datadog.")
+    files = c.string_list(section, "config_files", DEFAULT_DATADOG_FILES)
+    return tuple(Path(f) for f in files), c.boolean(section, "scan_processes", True)
+
+
+def _namespaces(c: _Checker, data: Mapping) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    section = c.mapping(data, "namespaces") or {}
+    c.unknown_keys(section, {"include", "exclude"}, "namespaces.")
+    return c.string_list(section, "include", ("*",)), c.string_list(section, "exclude", ())
+
+
+def _log_level(c: _Checker, data: Mapping) -> str:
+    value = data.get("log_level", "info")
+    if value not in LOG_LEVELS:
+        c.problem("log_level", value, f"one of {', '.join(LOG_LEVELS)}")
+        return "info"
+    return value
+
+
+TOP_LEVEL_KEYS = {
+    "listen_address", "resync_interval_seconds", "proc_sweep_interval_seconds",
+    "tcx_poll_interval_seconds", "debounce_seconds", "datadog", "namespaces", "observers",
+    "tls", "basic_auth", "live_probe", "log_level",
+}  # fmt: skip
+
+
+def config_from_mapping(data: Mapping[str, Any], origin: str) -> DaemonConfig:
+    c = _Checker(origin)
+    c.unknown_keys(data, TOP_LEVEL_KEYS)
+    host, port = _listen(c, data)
+    datadog_files, scan_processes = _datadog(c, data)
+    include, exclude = _namespaces(c, data)
+    config = DaemonConfig(
+        listen_host=host,
+        listen_port=port,
+        resync_interval=c.number(data, "resync_interval_seconds", 300.0, 5, 86400),
+        proc_sweep_interval=c.number(data, "proc_sweep_interval_seconds", 10.0, 0.5, 3600),
+        tcx_poll_interval=c.number(data, "tcx_poll_interval_seconds", 1.0, 0.1, 3600),
+        debounce=c.number(data, "debounce_seconds", 0.05, 0, 10),
+        datadog_files=datadog_files,
+        scan_datadog_processes=scan_processes,
+        include_namespaces=include,
+        exclude_namespaces=exclude,
+        observers=_observers(c, data),
+        tls=_tls(c, data),
+        basic_auth=_basic_auth(c, data),
+        live_probe=c.boolean(data, "live_probe", True),
+        log_level=_log_level(c, data),
+        source=origin,
+    )
+    if c.problems:
+        raise ConfigError(c.problems)
+    return config
+
+
+def _read_config_text(path: Path) -> str:
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError([f"{path}: is not a regular file"])
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: is {info.st_size} bytes; at most {MAX_CONFIG_BYTES} allowed"])
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_CONFIG_BYTES + 1).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read: {exc}"]) from exc
+
+
+def load_config(path: Path, missing_ok: bool = False) -> DaemonConfig:
+    """The configuration in `path`; the defaults when it is absent and `missing_ok`."""
+    if missing_ok and not path.exists() and not path.is_symlink():
+        return DaemonConfig(source=f"defaults ({path} absent)")
+    text = _read_config_text(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"{path}: not valid YAML{where}"]) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of settings"])
+    return config_from_mapping(data, str(path))
+
+
+def with_overrides(config: DaemonConfig, listen_address: str | None) -> DaemonConfig:
+    """Command-line flags win over the file."""
+    if listen_address is None:
+        return config
+    parsed = parse_listen_address(listen_address)
+    if parsed is None:
+        raise ConfigError(
+            [f"--listen-address: '{listen_address}' is not HOST:PORT with a port in 1..65535"]
+        )
+    return replace(config, listen_host=parsed[0], listen_port=parsed[1])
