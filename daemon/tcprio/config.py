@@ -134,7 +134,8 @@ class _Checker:
         names = ", ".join(sorted(allowed))
         for key in data:
             if key not in allowed:
-                self.problems.append(f"{self.origin}: {prefix}{key}: unknown key (allowed: {names})")
+                where = f"{self.origin}: {prefix}{key}"
+                self.problems.append(f"{where}: unknown key (allowed: {names})")
 
 
 def parse_listen_address(text: object) -> tuple[str, int] | None:
