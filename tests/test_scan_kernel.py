@@ -169,8 +169,8 @@ VERDICT_CLASSES = {
     "tail_entry": VerdictClass.TERMINAL,
     "classid_match": VerdictClass.TERMINAL,
     "classid_none": VerdictClass.TRANSPARENT,
-    "classifier_egre": VerdictClass.TRANSPARENT,
-    "classifier_ingr": VerdictClass.TRANSPARENT,
+    "classifier_egress": VerdictClass.TRANSPARENT,
+    "classifier_ingress": VerdictClass.TRANSPARENT,
 }
 
 
@@ -310,6 +310,7 @@ def test_programs_equal_bpftool_prog_show(scene: Scene):
     for prog_id, info in scene.scan.catalogue.programs.items():
         theirs = json.loads(run("bpftool", "-j", "prog", "show", "id", str(prog_id)).stdout)
         # The kernel keeps 15 characters of a name; bpftool prints the full one from BTF.
+        assert (info.full_name or info.name) == theirs["name"]
         assert theirs["name"].startswith(info.name) and len(info.name) <= 15
         assert info.tag == theirs["tag"]
         assert info.type_name == theirs["type"]

@@ -35,9 +35,10 @@ import re
 import struct
 import sys
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
+from types import MappingProxyType
 
 from tcprio.model import Direction, Instruction, MapInfo, ProgramInfo, TcxEntry
 
@@ -56,6 +57,7 @@ class BpfCmd(IntEnum):
     MAP_GET_FD_BY_ID = 14
     OBJ_GET_INFO_BY_FD = 15
     PROG_QUERY = 16
+    BTF_GET_FD_BY_ID = 19
     LINK_CREATE = 28
     LINK_GET_FD_BY_ID = 30
     LINK_GET_NEXT_ID = 31
@@ -318,6 +320,19 @@ class _ProgInfoStruct(ctypes.Structure):
     )
 
 
+class _BtfInfoStruct(ctypes.Structure):
+    """struct bpf_btf_info (32 bytes on kernel 6.18)."""
+
+    _fields_ = (
+        ("btf", _u64),
+        ("btf_size", _u32),
+        ("id", _u32),
+        ("name", _u64),
+        ("name_len", _u32),
+        ("kernel_btf", _u32),
+    )
+
+
 class _MapInfoStruct(ctypes.Structure):
     """struct bpf_map_info (88 bytes on kernel 6.18)."""
 
@@ -385,6 +400,10 @@ def link_fd_by_id(link_id: int) -> int:
     return _fd_by_id(BpfCmd.LINK_GET_FD_BY_ID, link_id)
 
 
+def btf_fd_by_id(btf_id: int) -> int:
+    return _fd_by_id(BpfCmd.BTF_GET_FD_BY_ID, btf_id)
+
+
 @contextlib.contextmanager
 def _closing_fd(fd: int) -> Iterator[int]:
     try:
@@ -404,6 +423,10 @@ def open_map(map_id: int) -> contextlib.AbstractContextManager[int]:
 
 def open_link(link_id: int) -> contextlib.AbstractContextManager[int]:
     return _closing_fd(link_fd_by_id(link_id))
+
+
+def open_btf(btf_id: int) -> contextlib.AbstractContextManager[int]:
+    return _closing_fd(btf_fd_by_id(btf_id))
 
 
 def _all_ids(cmd: BpfCmd) -> list[int]:
@@ -432,6 +455,136 @@ def list_link_ids() -> list[int]:
     return _all_ids(BpfCmd.LINK_GET_NEXT_ID)
 
 
+# --- BTF: full program names -----------------------------------------------------------------
+#
+# The kernel keeps 15 characters of a program's name; the full name is the name of the main
+# function's BTF FUNC type (what bpftool prints). Only standalone BTF is parsed: the BTF a loader
+# (BCC, libbpf, cilium/ebpf) hands to BPF_BTF_LOAD always is. Kernel BTF (vmlinux, modules; the
+# latter split on top of vmlinux) is never read.
+
+_BTF_MAGIC = 0xEB9F
+_BTF_HEADER = struct.Struct("=HBBIIIII")  # magic version flags hdr_len type_off/len str_off/len
+_BTF_TYPE = struct.Struct("=III")  # struct btf_type: name_off, info, size / type
+_BTF_KIND_FUNC = 12
+
+# Bytes after struct btf_type, by kind: (fixed, per vlen member). FUNC's vlen is its linkage.
+_BTF_KIND_TRAILER: tuple[tuple[int, int], ...] = (
+    (0, 0), (4, 0), (0, 0), (12, 0), (0, 12), (0, 12), (0, 8), (0, 0),  # UNKN INT PTR ARRAY ...
+    (0, 0), (0, 0), (0, 0), (0, 0), (0, 0), (0, 8), (4, 0), (0, 12),  # TYPEDEF ... VAR DATASEC
+    (0, 0), (4, 0), (0, 0), (0, 12),  # FLOAT DECL_TAG TYPE_TAG ENUM64
+)  # fmt: skip
+
+_BTF_NAMES_CACHED = 1024  # BTF objects whose function names `btf_func_names` keeps
+
+
+@dataclass(frozen=True)
+class BtfInfo:
+    id: int
+    size: int  # bytes of raw BTF
+    kernel_btf: bool  # vmlinux or a module's BTF
+    data: bytes | None = None  # the raw BTF, when asked for
+
+
+def _btf_info_struct(fd: int, data: ctypes.Array | None = None) -> _BtfInfoStruct:
+    info = _BtfInfoStruct(btf=_address(data), btf_size=len(data) if data is not None else 0)
+    _obj_info(fd, info)
+    return info
+
+
+def _btf_data(fd: int, size: int) -> bytes:
+    """Second pass: the raw BTF, `size` bytes as the first pass reported."""
+    buffer = ctypes.create_string_buffer(size)
+    info = _btf_info_struct(fd, buffer)
+    if info.btf_size != size:  # BTF is immutable: this cannot be the object first asked about
+        raise BpfError(BpfCmd.OBJ_GET_INFO_BY_FD, errno.EAGAIN, f"BTF {info.id} changed size")
+    return buffer.raw
+
+
+def btf_info_from_fd(fd: int, with_data: bool = True) -> BtfInfo:
+    """struct bpf_btf_info of a BTF fd; with its raw BTF (a second call) when `with_data`."""
+    head = _btf_info_struct(fd)
+    data = _btf_data(fd, head.btf_size) if with_data and head.btf_size else None
+    return BtfInfo(id=head.id, size=head.btf_size, kernel_btf=bool(head.kernel_btf), data=data)
+
+
+def _btf_sections(raw: bytes) -> tuple[memoryview, bytes]:
+    """(type section, string section) of standalone raw BTF; ValueError when malformed."""
+    if len(raw) < _BTF_HEADER.size:
+        raise ValueError(f"{len(raw)} bytes is too short for a BTF header")
+    magic, _version, _flags, hdr_len, type_off, type_len, str_off, str_len = (
+        _BTF_HEADER.unpack_from(raw)
+    )
+    if magic != _BTF_MAGIC:
+        raise ValueError(f"bad BTF magic {magic:#06x}")
+    view = memoryview(raw)
+    types = view[hdr_len + type_off : hdr_len + type_off + type_len]
+    strings = raw[hdr_len + str_off : hdr_len + str_off + str_len]
+    if hdr_len < _BTF_HEADER.size or len(types) != type_len or len(strings) != str_len:
+        raise ValueError("BTF sections lie outside the data")
+    return types, strings
+
+
+def _btf_string(strings: bytes, offset: int) -> str:
+    end = strings.find(b"\0", offset)
+    if offset >= len(strings) or end < 0:
+        raise ValueError(f"no BTF string at offset {offset}")
+    return strings[offset:end].decode("utf-8", "replace")
+
+
+def _btf_func_name_offsets(types: memoryview) -> dict[int, int]:
+    """{type id: name_off} of the FUNC types; ids count from 1 in the order of the section."""
+    funcs: dict[int, int] = {}
+    unpack, trailers, end = _BTF_TYPE.unpack_from, _BTF_KIND_TRAILER, len(types)
+    offset, type_id = 0, 1
+    while offset < end:
+        if offset + _BTF_TYPE.size > end:
+            raise ValueError(f"BTF type {type_id} is cut off")
+        name_off, info, _ = unpack(types, offset)
+        kind = (info >> 24) & 0x1F
+        if kind == 0 or kind >= len(trailers):
+            raise ValueError(f"BTF type {type_id} has unknown kind {kind}")
+        if kind == _BTF_KIND_FUNC:
+            funcs[type_id] = name_off
+        fixed, per_member = trailers[kind]
+        offset += _BTF_TYPE.size + fixed + per_member * (info & 0xFFFF)
+        type_id += 1
+    if offset != end:
+        raise ValueError(f"BTF type {type_id - 1} runs past the type section")
+    return funcs
+
+
+def parse_btf_func_names(raw: bytes) -> dict[int, str]:
+    """{type id: name} of every FUNC type of standalone raw BTF; ValueError when malformed."""
+    types, strings = _btf_sections(raw)
+    return {
+        type_id: _btf_string(strings, name_off)
+        for type_id, name_off in _btf_func_name_offsets(types).items()
+    }
+
+
+@functools.lru_cache(maxsize=_BTF_NAMES_CACHED)
+def btf_func_names(btf_id: int) -> Mapping[int, str]:
+    """The FUNC names of one BTF object by type id, read once per object: BTF never changes, and
+    the kernel hands out BTF ids cyclically (no reuse before 2**31 objects). Empty for kernel BTF.
+    Raises BpfError / ValueError; failures are not cached."""
+    with open_btf(btf_id) as fd:
+        head = _btf_info_struct(fd)
+        if head.kernel_btf:
+            return MappingProxyType({})
+        raw = _btf_data(fd, head.btf_size)
+    return MappingProxyType(parse_btf_func_names(raw))
+
+
+def btf_func_name(btf_id: int, type_id: int) -> str | None:
+    """The name of FUNC `type_id` in BTF object `btf_id`, or None when it cannot be read."""
+    if not btf_id or not type_id:
+        return None
+    try:
+        return btf_func_names(btf_id).get(type_id) or None
+    except (OSError, ValueError, struct.error):
+        return None
+
+
 # --- programs --------------------------------------------------------------------------------
 
 
@@ -445,13 +598,17 @@ def decode_insns(raw: bytes) -> tuple[Instruction, ...]:
     )
 
 
+_FUNC_INFO = struct.Struct("=II")  # struct bpf_func_info: insn_off, type_id
+
+
 @dataclass(frozen=True)
 class _ProgDump:
-    """The variable-length parts of a program's info: xlated bytes and map ids."""
+    """The variable-length parts of a program's info: xlated bytes, map ids, func_info."""
 
     xlated: bytes | None
     map_ids: tuple[int, ...]
     error: str | None
+    main_func_type_id: int = 0  # BTF type of the function at insn 0; 0 without func_info
 
 
 def _prog_info_struct(fd: int) -> _ProgInfoStruct:
@@ -462,46 +619,89 @@ def _prog_info_struct(fd: int) -> _ProgInfoStruct:
     return info
 
 
-def _prog_dump_sized(fd: int, insns_len: int, map_count: int) -> _ProgDump:
-    """Second pass: the same call with buffers for `insns_len` bytes and `map_count` ids."""
+def _func_info_count(head: _ProgInfoStruct) -> int:
+    """How many func_info records to ask for: all of them, when they can name a BTF type."""
+    if not head.btf_id or head.func_info_rec_size < _FUNC_INFO.size:
+        return 0
+    return head.nr_func_info
+
+
+def _main_func_type_id(records: bytes, rec_size: int, count: int) -> int:
+    """type_id of the func_info record at insn_off 0: the main function's BTF FUNC type."""
+    for index in range(count):
+        insn_off, type_id = _FUNC_INFO.unpack_from(records, index * rec_size)
+        if insn_off == 0:
+            return type_id
+    return 0
+
+
+def _prog_dump_sized(
+    fd: int, insns_len: int, map_count: int, func_count: int = 0, func_rec_size: int = 0
+) -> _ProgDump:
+    """Second pass: the same call with buffers for `insns_len` bytes, `map_count` ids and
+    `func_count` func_info records of `func_rec_size` bytes (the size the first pass gave)."""
     for _ in range(3):  # BPF_PROG_BIND_MAP may add maps between two passes: retry if it grew
-        if not insns_len and not map_count:
+        if not insns_len and not map_count and not func_count:
             return _ProgDump(None, (), None)
         insns_buf = ctypes.create_string_buffer(insns_len) if insns_len else None
         ids_buf = (_u32 * map_count)() if map_count else None
+        func_buf = ctypes.create_string_buffer(func_count * func_rec_size) if func_count else None
         info = _ProgInfoStruct(
             xlated_prog_len=insns_len,
             xlated_prog_insns=_address(insns_buf),
             nr_map_ids=map_count,
             map_ids=_address(ids_buf),
+            func_info_rec_size=func_rec_size if func_count else 0,
+            nr_func_info=func_count,
+            func_info=_address(func_buf),
         )
         _obj_info(fd, info)
         if info.nr_map_ids > map_count:
             map_count = info.nr_map_ids
             continue
         map_ids = tuple(ids_buf[: info.nr_map_ids]) if ids_buf is not None else ()
+        main_func = 0
+        if func_buf is not None:
+            main_func = _main_func_type_id(
+                func_buf.raw, func_rec_size, min(func_count, info.nr_func_info)
+            )
         if insns_buf is None:
-            return _ProgDump(None, map_ids, None)
+            return _ProgDump(None, map_ids, None, main_func)
         if info.xlated_prog_insns == 0:
             # Constant-blinded program and a reader that may not see kernel addresses.
-            return _ProgDump(None, map_ids, "kernel hid the constant-blinded instructions")
-        return _ProgDump(insns_buf.raw[: info.xlated_prog_len], map_ids, None)
+            hidden = "kernel hid the constant-blinded instructions"
+            return _ProgDump(None, map_ids, hidden, main_func)
+        return _ProgDump(insns_buf.raw[: info.xlated_prog_len], map_ids, None, main_func)
     raise BpfError(BpfCmd.OBJ_GET_INFO_BY_FD, errno.EAGAIN, "program's map ids kept changing")
 
 
-def _prog_dump(fd: int, head: _ProgInfoStruct, with_insns: bool) -> _ProgDump:
+def _prog_dump_with(fd: int, head: _ProgInfoStruct, with_insns: bool, func_count: int) -> _ProgDump:
     insns_len = head.xlated_prog_len if with_insns else 0
+    sizes = (head.nr_map_ids, func_count, head.func_info_rec_size)
     try:
-        return _prog_dump_sized(fd, insns_len, head.nr_map_ids)
+        return _prog_dump_sized(fd, insns_len, *sizes)
     except BpfError as exc:
         if exc.errno != errno.EPERM or not insns_len:
             raise
-        map_ids = _prog_dump_sized(fd, 0, head.nr_map_ids).map_ids
-        return _ProgDump(None, map_ids, f"kernel refused the translated instructions: {exc}")
+        without_insns = _prog_dump_sized(fd, 0, *sizes)
+        error = f"kernel refused the translated instructions: {exc}"
+        return _ProgDump(None, without_insns.map_ids, error, without_insns.main_func_type_id)
+
+
+def _prog_dump(fd: int, head: _ProgInfoStruct, with_insns: bool) -> _ProgDump:
+    func_count = _func_info_count(head)
+    try:
+        return _prog_dump_with(fd, head, with_insns, func_count)
+    except BpfError:
+        if not func_count:
+            raise
+        # func_info only serves the full name: it must never cost the rest. Again without it.
+        return _prog_dump_with(fd, head, with_insns, 0)
 
 
 def prog_info_from_fd(fd: int, with_insns: bool = True) -> ProgramInfo:
-    """What the kernel says of the program behind `fd`, with its xlated instructions."""
+    """What the kernel says of the program behind `fd`, with its xlated instructions and its
+    full name from BTF (None when the program has no BTF or it cannot be read)."""
     head = _prog_info_struct(fd)
     dump = _prog_dump(fd, head, with_insns)
     insns: tuple[Instruction, ...] | None = None
@@ -524,6 +724,7 @@ def prog_info_from_fd(fd: int, with_insns: bool = True) -> ProgramInfo:
         created_by_uid=head.created_by_uid,
         btf_id=head.btf_id,
         error=error if with_insns else None,
+        full_name=btf_func_name(head.btf_id, dump.main_func_type_id),
     )
 
 

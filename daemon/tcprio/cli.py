@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
         "/etc/datadog-agent (repeatable; a running system-probe's own config still wins)",
     )
     parser.add_argument(
+        "--no-agent-process",
+        action="store_true",
+        help="do not read a running system-probe's own environment and config file",
+    )
+    parser.add_argument(
         "--cilium-version",
         metavar="VERSION",
         help="Cilium's version, to check the known incompatible Cilium/agent pair",
@@ -79,7 +84,7 @@ def run_scan_command(args: argparse.Namespace) -> int:
     from tcprio.scan import run_scan
 
     files = [Path(f) for f in args.datadog_config] if args.datadog_config else DEFAULT_FILES
-    settings = resolve_settings(files=files)
+    settings = resolve_settings(files=files, scan_processes=not args.no_agent_process)
     for error in settings.errors:
         print(f"tcprio: bad Datadog setting ignored: {error}", file=sys.stderr)
     try:

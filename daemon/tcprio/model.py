@@ -135,6 +135,7 @@ class ProgramInfo:
     created_by_uid: int = 0
     btf_id: int = 0
     error: str | None = None  # why insns are missing, when they are
+    full_name: str | None = None  # main function's BTF name (name is cut to 15 chars); None: no BTF
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from tcprio.model import (
     HookKind,
     NamespaceInventory,
     NetNamespace,
+    ProgramInfo,
     ProgramVerdicts,
     ScanResult,
     TcFilter,
@@ -125,11 +126,18 @@ def _identity(prog_name: str | None, filter_name: str | None) -> tuple[str | Non
     return rule.name, rule.datadog_classifier
 
 
+def display_name(program: ProgramInfo | None) -> str | None:
+    """The full name from BTF when the program has one; the kernel keeps only 15 characters."""
+    if program is None:
+        return None
+    return program.full_name or program.name
+
+
 def filter_classifier(
     f: TcFilter, verdicts: Mapping[int, ProgramVerdicts], catalogue: ProgramCatalogue
 ) -> Classifier:
     program = catalogue.programs.get(f.prog_id) if f.prog_id is not None else None
-    prog_name = program.name if program else None
+    prog_name = display_name(program)
     vendor, is_datadog = _identity(prog_name, f.name)
     return Classifier(
         hook=HookKind.CLSACT,
@@ -153,7 +161,7 @@ def tcx_classifier(
     entry: TcxEntry, verdicts: Mapping[int, ProgramVerdicts], catalogue: ProgramCatalogue
 ) -> Classifier:
     program = catalogue.programs.get(entry.prog_id)
-    prog_name = program.name if program else None
+    prog_name = display_name(program)
     vendor, _ = _identity(prog_name, None)
     return Classifier(
         hook=HookKind.TCX,
