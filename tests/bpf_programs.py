@@ -111,6 +111,14 @@ class ClassifierPrograms:
         table = self._bpf.get_table(b"verdict_jmp")
         table[ctypes.c_int(0)] = ctypes.c_int(self._fds["tail_target_ok"])
 
+    def set_tail_call(self, slot: int, name: str | None) -> None:
+        """Put program `name` in verdict_jmp[slot], or empty the slot when name is None."""
+        table = self._bpf.get_table(b"verdict_jmp")
+        if name is None:
+            del table[ctypes.c_int(slot)]
+        else:
+            table[ctypes.c_int(slot)] = ctypes.c_int(self._fds[name])
+
     @property
     def names(self) -> tuple[str, ...]:
         return PROGRAM_NAMES

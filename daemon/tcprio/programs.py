@@ -6,7 +6,7 @@ map that vanishes while we read it is recorded as an error, never fatal.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from tcprio import bpf_syscalls
@@ -43,16 +43,27 @@ def _fetch_map(catalogue: ProgramCatalogue, map_id: int) -> MapInfo | None:
     return info
 
 
-def collect_programs(root_ids: Iterable[int]) -> ProgramCatalogue:
-    """The programs in `root_ids`, and, transitively, those in the prog arrays they use."""
+def collect_programs(
+    root_ids: Iterable[int], known: Mapping[int, ProgramInfo] | None = None
+) -> ProgramCatalogue:
+    """The programs in `root_ids`, and, transitively, those in the prog arrays they use.
+
+    Programs in `known` are taken from there (a loaded program never changes); maps are always
+    read afresh, since prog arrays change.
+    """
     catalogue = ProgramCatalogue()
+    known = known or {}
     pending = list(dict.fromkeys(root_ids))
     seen_maps: set[int] = set()
     while pending:
         prog_id = pending.pop()
         if prog_id in catalogue.programs or prog_id in catalogue.errors:
             continue
-        info = _fetch_program(catalogue, prog_id)
+        info = known.get(prog_id)
+        if info is not None:
+            catalogue.programs[prog_id] = info
+        else:
+            info = _fetch_program(catalogue, prog_id)
         if info is None:
             continue
         for map_id in info.map_ids:

@@ -69,17 +69,65 @@ def attached_program_ids(inventories: Iterable[NamespaceInventory]) -> list[int]
     return ids
 
 
-def analyse_programs(
-    catalogue: ProgramCatalogue, roots: Iterable[int]
-) -> dict[int, ProgramVerdicts]:
-    wanted = [p for p in dict.fromkeys(roots) if p in catalogue.programs]
-    if not wanted:
-        return {}
-    helper_names = bpf_syscalls.helper_symbols()  # ~150 ms reading /proc/kallsyms: only if needed
-    return {
-        prog_id: analyse_program(prog_id, catalogue.programs, catalogue.maps, helper_names)
-        for prog_id in wanted
-    }
+class ProgramCache:
+    """Program infos and verdicts kept between analyses.
+
+    A loaded program never changes, so its info is kept by id (ids are not reused). Its
+    verdict also depends on the prog arrays its tail calls go through, which do change: a
+    verdict is reused only while those arrays hold the same programs.
+    """
+
+    def __init__(self) -> None:
+        self.infos: dict[int, ProgramInfo] = {}
+        self._verdicts: dict[int, tuple[tuple, ProgramVerdicts]] = {}
+        self._helper_names: Mapping[int, str] | None = None
+
+    def catalogue(self, roots: Iterable[int]) -> ProgramCatalogue:
+        catalogue = collect_programs(roots, known=self.infos)
+        self.infos = dict(catalogue.programs)  # forget programs no longer reachable
+        return catalogue
+
+    def _helpers(self) -> Mapping[int, str]:
+        if self._helper_names is None:  # ~150 ms reading /proc/kallsyms: only when needed
+            self._helper_names = bpf_syscalls.helper_symbols()
+        return self._helper_names
+
+    def verdicts(
+        self, catalogue: ProgramCatalogue, roots: Iterable[int]
+    ) -> dict[int, ProgramVerdicts]:
+        fresh: dict[int, tuple[tuple, ProgramVerdicts]] = {}
+        for prog_id in dict.fromkeys(roots):
+            if prog_id not in catalogue.programs:
+                continue
+            key = tail_call_state(prog_id, catalogue)
+            cached = self._verdicts.get(prog_id)
+            if cached is None or cached[0] != key:
+                verdict = analyse_program(
+                    prog_id, catalogue.programs, catalogue.maps, self._helpers()
+                )
+                cached = (key, verdict)
+            fresh[prog_id] = cached
+        self._verdicts = fresh
+        return {prog_id: verdict for prog_id, (_, verdict) in fresh.items()}
+
+
+def tail_call_state(prog_id: int, catalogue: ProgramCatalogue) -> tuple:
+    """The contents of every prog array reachable from `prog_id`, as a comparable key."""
+    state = []
+    pending, seen_progs, seen_maps = [prog_id], set(), set()
+    while pending:
+        current = pending.pop()
+        if current in seen_progs or current not in catalogue.programs:
+            continue
+        seen_progs.add(current)
+        for map_id in catalogue.programs[current].map_ids:
+            info = catalogue.maps.get(map_id)
+            if map_id in seen_maps or info is None or info.prog_array is None:
+                continue
+            seen_maps.add(map_id)
+            state.append((map_id, tuple(sorted(info.prog_array.items()))))
+            pending.extend(info.prog_array.values())
+    return tuple(sorted(state))
 
 
 def _unknown(reason: str) -> ClassifierVerdict:
@@ -221,6 +269,42 @@ def _has_vendor(result: ScanResult, vendor: str) -> bool:
     return any(c.vendor == vendor for hook in result.hooks for c in hook.classifiers)
 
 
+@dataclass
+class NodeAnalysis:
+    """What the analysis stage makes of a set of inventories."""
+
+    catalogue: ProgramCatalogue
+    verdicts: dict[int, ProgramVerdicts]
+    result: ScanResult
+
+
+def analyse_node(
+    inventories: list[NamespaceInventory],
+    datadog: DatadogSettings,
+    cache: ProgramCache | None = None,
+    cilium_version: str | None = None,
+) -> NodeAnalysis:
+    """Programs, verdicts, conflicts and remedies for the given inventories.
+
+    `cache` keeps program infos and verdicts between calls (the daemon); without it every
+    program is read and analysed afresh (a one-shot scan).
+    """
+    cache = cache if cache is not None else ProgramCache()
+    roots = attached_program_ids(inventories)
+    catalogue = cache.catalogue(roots)
+    verdicts = cache.verdicts(catalogue, roots)
+    result = analyse(all_hooks(inventories, verdicts, catalogue), datadog_target(datadog))
+    result = attach_remedies(result, datadog)
+    result.notes.extend(
+        incompatibility_notes(datadog, cilium_version, _has_vendor(result, "Cilium"))
+    )
+    return NodeAnalysis(catalogue, verdicts, result)
+
+
+def inventory_errors(inventories: Iterable[NamespaceInventory]) -> list[str]:
+    return [f"{inv.namespace.name}: {inv.error}" for inv in inventories if inv.error]
+
+
 def run_scan(
     discover: Callable[[], list[NetNamespace]] = discover_namespaces,
     settings: DatadogSettings | None = None,
@@ -228,23 +312,15 @@ def run_scan(
 ) -> Scan:
     started = time.monotonic()
     inventories, vanished = enumerate_namespaces(discover())
-    roots = attached_program_ids(inventories)
-    catalogue = collect_programs(roots)
-    verdicts = analyse_programs(catalogue, roots)
     datadog = settings if settings is not None else resolve_settings()
-    result = analyse(all_hooks(inventories, verdicts, catalogue), datadog_target(datadog))
-    result = attach_remedies(result, datadog)
-    result.notes.extend(
-        incompatibility_notes(datadog, cilium_version, _has_vendor(result, "Cilium"))
-    )
-    errors = [f"{inv.namespace.name}: {inv.error}" for inv in inventories if inv.error]
+    node = analyse_node(inventories, datadog, cilium_version=cilium_version)
     return Scan(
         inventories=inventories,
-        catalogue=catalogue,
-        verdicts=verdicts,
+        catalogue=node.catalogue,
+        verdicts=node.verdicts,
         datadog=datadog,
-        result=result,
+        result=node.result,
         vanished=vanished,
-        errors=errors,
+        errors=inventory_errors(inventories),
         duration_s=time.monotonic() - started,
     )
