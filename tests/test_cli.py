@@ -129,11 +129,6 @@ def test_not_root_one_line_and_exit_3():
     assert "uid 65534" in lines[0] and "run tcprio as root" in lines[0]
 
 
-def test_no_mode_is_a_usage_error():
-    proc = tcprio()
-    assert proc.returncode == 3
-    assert "--scan" in proc.stderr
-
 
 @pytest.mark.parametrize(
     ("content", "expected"),

@@ -1,4 +1,4 @@
-"""Command line: `tcprio --scan` for a one-shot report of this node's TC classifiers."""
+"""Command line: `tcprio --scan` for a one-shot report, `tcprio` alone for the daemon."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tcprio import __version__, privileges
+from tcprio.config import DEFAULT_CONFIG_PATH
 from tcprio.model import NetNamespace
 from tcprio.namespaces import discover_namespaces
 
@@ -25,7 +26,20 @@ def build_parser() -> argparse.ArgumentParser:
         "conflict, 3 the scan itself failed.",
     )
     parser.add_argument("--version", action="version", version=f"tcprio {__version__}")
-    parser.add_argument("--scan", action="store_true", help="scan this node once and report")
+    parser.add_argument(
+        "--scan", action="store_true", help="scan this node once and report (else: run the daemon)"
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=str(DEFAULT_CONFIG_PATH),
+        help=f"daemon configuration (default {DEFAULT_CONFIG_PATH}; built-in defaults if absent)",
+    )
+    parser.add_argument(
+        "--listen-address",
+        metavar="HOST:PORT",
+        help="daemon: where to serve /metrics, /healthz and /readyz (overrides the file)",
+    )
     parser.add_argument(
         "--format", choices=("text", "json"), default="text", help="report format (default text)"
     )
@@ -105,12 +119,18 @@ def run_scan_command(args: argparse.Namespace) -> int:
     return exit_status(scan)
 
 
+def run_daemon_command(args: argparse.Namespace) -> int:
+    problem = privileges.missing_privileges()
+    if problem:
+        print(f"tcprio: {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    from tcprio.daemon import run_daemon
+
+    return run_daemon(Path(args.config), args.listen_address)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.scan:
-        build_parser().print_usage(sys.stderr)
-        print(
-            "tcprio: nothing to do: use --scan (the daemon mode is not built yet)", file=sys.stderr
-        )
-        return EXIT_FAILED
-    return run_scan_command(args)
+    if args.scan:
+        return run_scan_command(args)
+    return run_daemon_command(args)

@@ -1,0 +1,518 @@
+"""`tcprio` without --scan: watch every namespace, keep the analysis current, serve metrics.
+
+One thread runs the event loop below; the HTTP endpoint's threads only read the latest
+Snapshot. The loop waits on netlink sockets (one per namespace), inotify on the netns folders,
+pidfds of processes holding unnamed namespaces, and a wake-up pipe for signals; timers drive
+the debounce, the tcx / run-stats poll, the /proc sweep, the full resync and the watchdog.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import platform
+import selectors
+import signal
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tcprio import bpf_syscalls, sd_notify, vendors
+from tcprio.churn import diff_inventories
+from tcprio.config import ConfigError, DaemonConfig, load_config, with_overrides
+from tcprio.datadog_config import resolve_settings
+from tcprio.endpoint import Endpoint
+from tcprio.metrics import registry_for
+from tcprio.model import DatadogSettings, NamespaceInventory, NetNamespace, TcFilter
+from tcprio.namespaces import NAMED_NETNS_DIRS, discover_namespaces
+from tcprio.scan import ProgramCache, analyse_node, inventory_errors
+from tcprio.snapshot import Counters, ProbeState, RunStats, Snapshot
+from tcprio.starvation import starved_hooks
+from tcprio.tc_inventory import read_namespace
+from tcprio.watch import NamespaceWatch, NetnsFolderWatch, ProcessExitWatch, TcEvent
+
+NsKey = tuple[int, int]
+STALL_AFTER_S = 30.0
+DIRECTION_BY_PARENT = {0xFFFFFFF2: "ingress", 0xFFFFFFF3: "egress", 0xFFFF0000: "ingress"}
+
+
+class Log:
+    """One JSON object per line on stderr: the journal keeps them, jq reads them."""
+
+    LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+    def __init__(self, level: str = "info") -> None:
+        self.threshold = self.LEVELS[level]
+
+    def __call__(self, level: str, message: str, **fields: object) -> None:
+        if self.LEVELS[level] < self.threshold:
+            return
+        record = {"ts": round(time.time(), 3), "level": level, "msg": message, **fields}
+        print(json.dumps(record, default=str), file=sys.stderr, flush=True)
+
+
+@dataclass
+class Watched:
+    """A namespace the daemon holds a netlink socket in."""
+
+    namespace: NetNamespace
+    watch: NamespaceWatch
+    exit_watch: ProcessExitWatch | None = None
+    pending: list[TcEvent] = field(default_factory=list)
+
+
+def selected(namespaces: Iterable[NetNamespace], config: DaemonConfig) -> list[NetNamespace]:
+    def wanted(ns: NetNamespace) -> bool:
+        included = any(fnmatch.fnmatchcase(ns.name, p) for p in config.include_namespaces)
+        excluded = any(fnmatch.fnmatchcase(ns.name, p) for p in config.exclude_namespaces)
+        return included and not excluded
+
+    return [ns for ns in namespaces if wanted(ns)]
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig, config_path: Path, listen_override: str | None):
+        self.config = config
+        self.config_path = config_path
+        self.listen_override = listen_override
+        self.log = Log(config.log_level)
+        self.kernel = platform.release()
+        self.selector = selectors.DefaultSelector()
+        self.watched: dict[NsKey, Watched] = {}
+        self.inventories: dict[NsKey, NamespaceInventory] = {}
+        self.cache = ProgramCache()
+        self.counters = Counters()
+        self.datadog: DatadogSettings | None = None
+        self.snapshot = Snapshot.empty(self.kernel)
+        self.dirty: set[NsKey] = set()
+        self.dirty_since: float | None = None
+        self.heartbeat = time.monotonic()
+        self.stop_requested = False
+        self.reload_requested = False
+        self.config_ok = True
+        self.link_ids: frozenset[int] = frozenset()
+        self.run_history: list[tuple[float, dict[int, RunStats]]] = []
+        self.probe = ProbeState(False, "none", "live probe not started")
+        self.stats_fd: int | None = None
+        self.endpoint: Endpoint | None = None
+        self.folder_watch: NetnsFolderWatch | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._timers = {"sweep": 0.0, "resync": 0.0, "poll": 0.0, "watchdog": 0.0}
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self.stop_requested = True
+
+    def _on_reload(self, signum: int, frame: object) -> None:
+        self.reload_requested = True
+
+    def _start_stats(self) -> None:
+        try:
+            self.stats_fd = bpf_syscalls.enable_run_stats()
+        except OSError as exc:
+            self.log("warning", "BPF run statistics unavailable", error=str(exc))
+
+    def _start_probe(self) -> None:
+        if not self.config.live_probe:
+            self.probe = ProbeState(False, "none", "disabled in the configuration")
+            return
+        try:
+            from tcprio.live_probe import probe_support
+
+            status = probe_support()
+            self.probe = ProbeState(status.available, status.mode, status.reason)
+        except Exception as exc:  # the probe is evidence, never a reason to stop
+            self.probe = ProbeState(False, "none", f"live probe failed: {exc}")
+        if not self.probe.available:
+            self.log("warning", "live verdict probe unavailable", reason=self.probe.reason)
+
+    def _start_endpoint(self) -> None:
+        registry = registry_for(lambda: self.snapshot)
+        self.endpoint = Endpoint(self.config, registry, lambda: self.snapshot.ready, self.healthy)
+        self.endpoint.start()
+        self.log("info", "serving metrics", address=self.config.listen_address)
+
+    def healthy(self) -> bool:
+        return time.monotonic() - self.heartbeat < STALL_AFTER_S
+
+    def run(self) -> int:
+        self._install_signals()
+        self._start_stats()
+        self._start_probe()
+        self.folder_watch = NetnsFolderWatch(NAMED_NETNS_DIRS)
+        self.selector.register(self.folder_watch, selectors.EVENT_READ, ("folders", None))
+        try:
+            self._start_endpoint()
+        except OSError as exc:
+            self.log("error", "cannot listen", address=self.config.listen_address, error=str(exc))
+            self.shutdown()
+            return 1
+        self.full_resync()
+        now = time.monotonic()
+        self._timers.update(
+            sweep=now + self.config.proc_sweep_interval,
+            resync=now + self.config.resync_interval,
+        )
+        sd_notify.ready()
+        self.log("info", "ready", namespaces=len(self.watched))
+        while not self.stop_requested:
+            self._iterate()
+        self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        sd_notify.stopping()
+        if self.endpoint is not None:
+            self.endpoint.stop()
+        for key in list(self.watched):
+            self._unwatch(key)
+        if self.folder_watch is not None:
+            self.selector.unregister(self.folder_watch)
+            self.folder_watch.close()
+        if self.stats_fd is not None:
+            os.close(self.stats_fd)
+        signal.set_wakeup_fd(-1)
+        self.selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self.log("info", "stopped")
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def _next_deadline(self, now: float) -> float:
+        deadlines = list(self._timers.values())
+        if self.dirty_since is not None:
+            deadlines.append(self.dirty_since + self.config.debounce)
+        return max(0.0, min(deadlines) - now)
+
+    def _iterate(self) -> None:
+        now = time.monotonic()
+        self.heartbeat = now
+        for key, _mask in self.selector.select(timeout=min(self._next_deadline(now), 1.0)):
+            self._dispatch(*key.data)
+        if self.reload_requested:
+            self.reload_requested = False
+            self.reload()
+        self._run_timers(time.monotonic())
+
+    def _dispatch(self, kind: str, ns_key: NsKey | None) -> None:
+        if kind == "wake":
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 512)
+        elif kind == "folders" and self.folder_watch is not None:
+            if self.folder_watch.drain():
+                self.sweep()
+        elif kind == "netlink" and ns_key in self.watched:
+            self._on_netlink(ns_key)
+        elif kind == "exit" and ns_key in self.watched:
+            self._on_process_exit(ns_key)
+
+    def _mark_dirty(self, key: NsKey) -> None:
+        self.dirty.add(key)
+        if self.dirty_since is None:
+            self.dirty_since = time.monotonic()
+
+    def _on_netlink(self, key: NsKey) -> None:
+        watched = self.watched[key]
+        try:
+            events = watched.watch.drain()
+        except OSError as exc:
+            self.log("warning", "netlink read failed", namespace=watched.namespace.name,
+                     error=str(exc))  # fmt: skip
+            events = [TcEvent("overrun")]
+        if events:
+            watched.pending.extend(e for e in events if e.kind.startswith("filter"))
+            self._mark_dirty(key)
+
+    def _on_process_exit(self, key: NsKey) -> None:
+        watched = self.watched[key]
+        if watched.exit_watch is not None:
+            self.selector.unregister(watched.exit_watch)
+            watched.exit_watch.close()
+            watched.exit_watch = None
+        self.sweep()  # another process may still live there; if none, it goes
+
+    def _run_timers(self, now: float) -> None:
+        if self.dirty_since is not None and now >= self.dirty_since + self.config.debounce:
+            self.flush()
+        if now >= self._timers["poll"]:
+            self._timers["poll"] = now + self.config.tcx_poll_interval
+            self.poll_links_and_stats()
+        if now >= self._timers["sweep"]:
+            self._timers["sweep"] = now + self.config.proc_sweep_interval
+            self.sweep()
+        if now >= self._timers["resync"]:
+            self._timers["resync"] = now + self.config.resync_interval
+            self.full_resync()
+        interval = sd_notify.watchdog_interval()
+        if interval is not None and now >= self._timers["watchdog"]:
+            self._timers["watchdog"] = now + interval / 2
+            sd_notify.watchdog_ping()
+
+    # --- namespaces --------------------------------------------------------------------------
+
+    def _watch(self, ns: NetNamespace) -> None:
+        try:
+            watch = NamespaceWatch(ns)
+        except OSError as exc:
+            self.log("debug", "cannot watch namespace", namespace=ns.name, error=str(exc))
+            return
+        watched = Watched(ns, watch)
+        self.selector.register(watch, selectors.EVENT_READ, ("netlink", ns.key))
+        if ns.source == "process" and ns.pid is not None:
+            with contextlib.suppress(OSError):
+                watched.exit_watch = ProcessExitWatch(ns.pid)
+                self.selector.register(watched.exit_watch, selectors.EVENT_READ, ("exit", ns.key))
+        self.watched[ns.key] = watched
+        self._mark_dirty(ns.key)
+        self.log("debug", "watching namespace", namespace=ns.name)
+
+    def _unwatch(self, key: NsKey) -> None:
+        watched = self.watched.pop(key)
+        self.selector.unregister(watched.watch)
+        watched.watch.close()  # our socket must not keep the namespace alive
+        if watched.exit_watch is not None:
+            self.selector.unregister(watched.exit_watch)
+            watched.exit_watch.close()
+        self.inventories.pop(key, None)
+        self.dirty.discard(key)
+        self.counters.forget(watched.namespace.name)
+        self.log("debug", "namespace gone", namespace=watched.namespace.name)
+
+    def _discover(self) -> list[NetNamespace] | None:
+        try:
+            return selected(discover_namespaces(), self.config)
+        except OSError as exc:
+            self.counters.scan_errors["discover"] += 1
+            self.log("error", "namespace discovery failed", error=str(exc))
+            return None
+
+    def sweep(self) -> None:
+        """Watch new namespaces, drop vanished ones (the /proc sweep and folder events)."""
+        found = self._discover()
+        if found is None:
+            return
+        if self.folder_watch is not None:
+            self.folder_watch.refresh()
+        current = {ns.key: ns for ns in found}
+        for key in [k for k in self.watched if k not in current]:
+            self._unwatch(key)
+            self.dirty_since = self.dirty_since or time.monotonic()
+        for key, ns in current.items():
+            if key not in self.watched:
+                self._watch(ns)
+            elif self.watched[key].exit_watch is None and ns.pid is not None:
+                self._rewatch_exit(key, ns)
+
+    def _rewatch_exit(self, key: NsKey, ns: NetNamespace) -> None:
+        watched = self.watched[key]
+        if ns.source != "process":
+            return
+        with contextlib.suppress(OSError):
+            watched.exit_watch = ProcessExitWatch(ns.pid)  # type: ignore[arg-type]
+            self.selector.register(watched.exit_watch, selectors.EVENT_READ, ("exit", key))
+
+    def full_resync(self) -> None:
+        self.sweep()
+        self.dirty.update(self.watched)
+        self._refresh_datadog()
+        self.flush(kind="full")
+
+    def _refresh_datadog(self) -> None:
+        try:
+            settings = resolve_settings(
+                files=self.config.datadog_files,
+                scan_processes=self.config.scan_datadog_processes,
+            )
+        except Exception as exc:  # keep the last good settings
+            self.counters.scan_errors["datadog_config"] += 1
+            self.log("error", "Datadog settings unreadable", error=str(exc))
+            return
+        if self.datadog is None or settings.errors != self.datadog.errors:
+            for error in settings.errors:
+                self.counters.scan_errors["datadog_config"] += 1
+                self.log("warning", "bad Datadog setting ignored", detail=error)
+        self.datadog = settings
+
+    # --- analysis ----------------------------------------------------------------------------
+
+    def _is_datadog(self, f: TcFilter) -> bool:
+        program = self.cache.infos.get(f.prog_id) if f.prog_id is not None else None
+        name = (program.full_name or program.name) if program else None
+        rule = vendors.identify(name, f.name)
+        return bool(rule and rule.datadog_classifier)
+
+    def _reread(self, key: NsKey) -> None:
+        watched = self.watched.get(key)
+        if watched is None:
+            return
+        inventory = read_namespace(watched.namespace)
+        if inventory is None:  # vanished between the event and now
+            self._unwatch(key)
+            return
+        if inventory.error:
+            self.counters.scan_errors["enumerate"] += 1
+        old = self.inventories.get(key)
+        self._count_events(watched, inventory, old)
+        for change in diff_inventories(old, inventory, self._is_datadog) if old else ():
+            if change.kind in ("replace", "datadog-disappeared"):
+                self.counters.count_change(change)
+                self.log("warning" if change.kind != "replace" else "info", change.kind,
+                         **change.as_log())  # fmt: skip
+        self._forget_vanished_interfaces(watched.namespace.name, old, inventory)
+        self.inventories[key] = inventory
+
+    def _count_events(
+        self, watched: Watched, new: NamespaceInventory, old: NamespaceInventory | None
+    ) -> None:
+        names = {i.ifindex: i.name for inv in (old, new) if inv for i in inv.interfaces}
+        for event in watched.pending:
+            direction = DIRECTION_BY_PARENT.get(event.parent)
+            ifname = names.get(event.ifindex)
+            if direction is None or ifname is None or event.handle == 0:
+                continue
+            change = "add" if event.kind == "filter-add" else "delete"
+            key = (watched.namespace.name, ifname, direction, event.priority, change)
+            self.counters.filter_changes[key] += 1
+            self.log("debug", f"filter-{change}", namespace=key[0], interface=ifname,
+                     direction=direction, priority=event.priority, handle=event.handle)  # fmt: skip
+        watched.pending.clear()
+
+    def _forget_vanished_interfaces(
+        self, namespace: str, old: NamespaceInventory | None, new: NamespaceInventory
+    ) -> None:
+        if old is None:
+            return
+        gone = {i.name for i in old.interfaces} - {i.name for i in new.interfaces}
+        if gone:
+            self.counters.forget(namespace, gone)
+
+    def flush(self, kind: str = "incremental") -> None:
+        started = time.monotonic()
+        for key in list(self.dirty):
+            self._reread(key)
+        self.dirty.clear()
+        self.dirty_since = None
+        if self.datadog is None:
+            self._refresh_datadog()
+        if self.datadog is None:
+            return
+        inventories = list(self.inventories.values())
+        try:
+            node = analyse_node(inventories, self.datadog, self.cache)
+        except Exception as exc:  # keep serving the last good state
+            self.counters.scan_errors["analyse"] += 1
+            self.log("error", "analysis failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        self.counters.scan_errors["programs"] += len(node.catalogue.errors)
+        for error in inventory_errors(inventories):
+            self.log("warning", "namespace read error", detail=error)
+        self.counters.scans[kind] += 1
+        self._publish(node, time.monotonic() - started)
+
+    def _publish(self, node, seconds: float) -> None:
+        prev = self.snapshot
+        self.snapshot = Snapshot(
+            ready=True,
+            taken_at=time.time(),
+            analysis_seconds=seconds,
+            result=node.result,
+            programs=dict(node.catalogue.programs),
+            datadog=self.datadog,
+            namespaces=len(self.watched),
+            interfaces=sum(len(i.interfaces) for i in self.inventories.values()),
+            counters=self.counters.frozen(),
+            run_stats=prev.run_stats,
+            starved=starved_hooks(node.result, self.run_history),
+            probe=self.probe,
+            config_ok=self.config_ok,
+            kernel=self.kernel,
+        )
+
+    def poll_links_and_stats(self) -> None:
+        """tcx links send no netlink event: a change in the set of links triggers a re-read."""
+        try:
+            links = frozenset(bpf_syscalls.list_link_ids())
+        except OSError:
+            links = self.link_ids
+        if links != self.link_ids:
+            self.link_ids = links
+            self.dirty.update(self.watched)
+            self.dirty_since = self.dirty_since or time.monotonic()
+        self._refresh_run_stats()
+
+    def _refresh_run_stats(self) -> None:
+        stats: dict[int, RunStats] = {}
+        for prog_id in self.snapshot.programs:
+            with contextlib.suppress(OSError):
+                info = bpf_syscalls.prog_info(prog_id, with_insns=False)
+                stats[prog_id] = RunStats(info.run_cnt, info.run_time_ns)
+        now = time.monotonic()
+        self.run_history = [(t, s) for t, s in self.run_history if now - t <= 60] + [(now, stats)]
+        prev = self.snapshot
+        self.snapshot = Snapshot(
+            **{
+                **prev.__dict__,
+                "run_stats": stats,
+                "starved": starved_hooks(prev.result, self.run_history),
+            }
+        )
+
+    # --- configuration -----------------------------------------------------------------------
+
+    def reload(self) -> None:
+        sd_notify.reloading()
+        try:
+            config = with_overrides(load_config(self.config_path), self.listen_override)
+        except ConfigError as exc:
+            self.counters.reloads["failure"] += 1
+            self.config_ok = False
+            for problem in exc.problems:
+                self.log("error", "configuration rejected, keeping the last good one",
+                         detail=problem)  # fmt: skip
+            self._republish()
+            sd_notify.ready()
+            return
+        endpoint_changed = (
+            (config.listen_host, config.listen_port, config.tls, config.basic_auth)
+            != (self.config.listen_host, self.config.listen_port, self.config.tls,
+                self.config.basic_auth)
+        )  # fmt: skip
+        self.config = config
+        self.log = Log(config.log_level)
+        self.config_ok = True
+        self.counters.reloads["success"] += 1
+        if endpoint_changed and self.endpoint is not None:
+            self.endpoint.stop()
+            self._start_endpoint()
+        self.log("info", "configuration reloaded", source=config.source)
+        self.full_resync()
+        sd_notify.ready()
+
+    def _republish(self) -> None:
+        prev = self.snapshot
+        self.snapshot = Snapshot(
+            **{**prev.__dict__, "counters": self.counters.frozen(), "config_ok": self.config_ok}
+        )
+
+
+def run_daemon(config_path: Path, listen_override: str | None) -> int:
+    try:
+        config = with_overrides(load_config(config_path, missing_ok=True), listen_override)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"tcprio: {problem}", file=sys.stderr)
+        return 2
+    return Daemon(config, config_path, listen_override).run()

@@ -1,0 +1,145 @@
+"""The daemon's HTTP endpoint: /metrics, /healthz (liveness), /readyz (first scan done).
+
+Optional TLS and basic auth. Each connection is served on its own thread with a socket
+timeout, so a slow or malformed client cannot hold the endpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import CollectorRegistry
+
+from tcprio.config import BasicAuth, DaemonConfig
+
+CLIENT_TIMEOUT_S = 10.0
+MAX_HEADERS = 64
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], handler: type, family: int) -> None:
+        self.address_family = family
+        super().__init__(address, handler)
+
+
+def _authorized(header: str | None, auth: BasicAuth) -> bool:
+    if not header or not header.startswith("Basic "):
+        return False
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    user, sep, password = decoded.partition(":")
+    if not sep:
+        return False
+    # compare both, always, in constant time: no hint of which part was wrong
+    user_ok = hmac.compare_digest(user.encode(), auth.username.encode())
+    password_ok = hmac.compare_digest(password.encode(), auth.password.encode())
+    return user_ok and password_ok
+
+
+def make_handler(
+    registry: CollectorRegistry,
+    is_ready: Callable[[], bool],
+    is_healthy: Callable[[], bool],
+    auth: BasicAuth | None,
+) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "tcprio"
+        sys_version = ""
+        timeout = CLIENT_TIMEOUT_S
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # scrapes are not worth a log line each
+
+        def _send(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            if status == 401:
+                self.send_header("WWW-Authenticate", 'Basic realm="tcprio"')
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _route(self) -> None:
+            if len(self.headers) > MAX_HEADERS:
+                self._send(431, b"too many headers\n")
+                return
+            if auth is not None and not _authorized(self.headers.get("Authorization"), auth):
+                self._send(401, b"authentication required\n")
+                return
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                ok = is_healthy()
+                self._send(200 if ok else 503, b"ok\n" if ok else b"event loop stalled\n")
+            elif path == "/readyz":
+                ok = is_ready()
+                self._send(200 if ok else 503, b"ready\n" if ok else b"first scan not done\n")
+            else:
+                self._send(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+        def do_GET(self) -> None:
+            self._route()
+
+        def do_HEAD(self) -> None:
+            self._route()
+
+    return Handler
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+class Endpoint:
+    """The HTTP server on its own thread; `stop` closes the listening socket."""
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        registry: CollectorRegistry,
+        is_ready: Callable[[], bool],
+        is_healthy: Callable[[], bool],
+    ) -> None:
+        handler = make_handler(registry, is_ready, is_healthy, config.basic_auth)
+        self._server = _Server((config.listen_host, config.listen_port), handler,
+                               _family(config.listen_host))  # fmt: skip
+        if config.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(str(config.tls.cert_file), str(config.tls.key_file))
+            # the handshake happens on the connection's own thread, not in accept()
+            self._server.socket = context.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="tcprio-http", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

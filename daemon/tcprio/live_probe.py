@@ -1,0 +1,836 @@
+"""The live verdict probe: counts what cls_bpf classifiers return on real traffic.
+
+`LiveProbe.start()` compiles bpf/verdict_probe.c with BCC, loads it and attaches it in the first
+way the kernel allows (see `ProbeMode`); `counts()` reads the counts, `close()` frees everything.
+When the kernel allows none, `start()` says so in a `ProbeStatus` (one sentence), never raises.
+`probe_support()` answers the same question without compiling anything.
+
+What each mode counts is written down in bpf/verdict_probe.c. In short:
+- `fexit` / `kretprobe` (on the kernel's `cls_bpf_classify`): per (netns, ifindex, direction,
+  priority), the result cls_bpf hands to tc for the whole priority, after direct-action
+  mapping: -1 when every program there let the packet go on, else the verdict that ended the
+  chain (0 OK, 2 SHOT, 4 STOLEN, 7 REDIRECT, 8 TRAP). tcx programs are not seen.
+- `fexit-prog` (fexit on each target program): the program's raw return value (42, 3, -1 ...)
+  per (netns, ifindex, direction, program id); the priority comes from the `ProbeTarget`s.
+
+Kernel structure offsets are read from the running kernel's BTF (/sys/kernel/btf/vmlinux), not
+from the (older) headers BCC compiles against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import functools
+import gzip
+import os
+import struct
+from array import array
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from tcprio import bpf_syscalls
+from tcprio.bcc_support import HeadersMissing, prepare_bcc_environment
+from tcprio.bpf_syscalls import BpfError
+from tcprio.model import Direction
+
+VERDICT_PROBE_C = Path(__file__).resolve().parents[2] / "bpf" / "verdict_probe.c"
+VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
+KPROBE_PMU_TYPE = Path("/sys/bus/event_source/devices/kprobe/type")
+KERNEL_CONFIG = Path("/proc/config.gz")
+CLASSIFY_FUNC = "cls_bpf_classify"
+
+COUNT_MAP = "verdict_counts"
+MISS_MAP = "verdict_misses"
+TARGET_PROG_ID_MARK = 0x5EC1D0A1  # bpf/verdict_probe.c
+WHERE_DIRECTION = {0: Direction.EGRESS, 1: Direction.INGRESS}  # 2: not a clsact hook
+
+
+class ProbeMode(StrEnum):
+    FEXIT = "fexit"  # fexit on cls_bpf_classify
+    KRETPROBE = "kretprobe"  # kprobe + kretprobe on cls_bpf_classify
+    FEXIT_PROG = "fexit-prog"  # fexit on each target classifier program
+    NONE = "none"
+
+
+DEFAULT_MODES: tuple[ProbeMode, ...] = (ProbeMode.FEXIT, ProbeMode.KRETPROBE, ProbeMode.FEXIT_PROG)
+
+
+@dataclass(frozen=True)
+class AttachAttempt:
+    """One way of hooking that was tried, and what the kernel answered (None: it worked)."""
+
+    mode: ProbeMode
+    error: str | None
+
+
+@dataclass(frozen=True)
+class ProbeStatus:
+    available: bool
+    mode: ProbeMode
+    reason: str  # one sentence
+    attempts: tuple[AttachAttempt, ...] = ()
+
+
+@dataclass(frozen=True)
+class VerdictKey:
+    netns_inode: int
+    ifindex: int
+    priority: int | None  # None: fexit-prog mode and the target's priority is not known
+    direction: Direction | None  # None: not a clsact / ingress hook (classful qdisc, unknown)
+    retval: int
+    chain: int | None = None  # tc chain index; None in fexit-prog mode
+    prog_id: int | None = None  # fexit-prog mode only
+
+
+@dataclass(frozen=True)
+class ProbeTarget:
+    """A classifier program to hook in fexit-prog mode, and where it hangs when known.
+
+    The program is hooked once whatever the location; the location only lets `counts()` put a
+    priority on what the program returned on that interface and direction."""
+
+    prog_id: int
+    priority: int | None = None
+    netns_inode: int | None = None
+    ifindex: int | None = None
+    direction: Direction | None = None
+
+
+# --- kernel BTF: structure offsets and function ids -----------------------------------------
+
+_BTF_MAGIC = 0xEB9F
+_KIND_STRUCT, _KIND_UNION, _KIND_FUNC = 4, 5, 12
+_KIND_MODIFIERS = frozenset({8, 9, 10, 11, 18})  # typedef, volatile, const, restrict, type_tag
+_KIND_FIXED_TAIL = {1: 4, 3: 12, 14: 4, 17: 4}  # int, array, var, decl_tag
+_KIND_MEMBER_SIZE = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}  # struct, union, enum, ...
+
+
+class LayoutError(Exception):
+    """The kernel's BTF lacks a type or field the probe needs."""
+
+
+@dataclass(frozen=True)
+class _Member:
+    bit_offset: int
+    bit_size: int  # 0: not a bitfield
+    type_id: int
+
+
+class Btf:
+    """A read-only view of a BTF blob: enough to find functions and members' offsets."""
+
+    def __init__(self, data: bytes) -> None:
+        magic, _, _, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from(
+            "<HBBIIIII", data
+        )
+        if magic != _BTF_MAGIC:
+            raise LayoutError("not a BTF blob")
+        self._types = data[hdr_len + type_off : hdr_len + type_off + type_len]
+        self._strings = data[hdr_len + str_off : hdr_len + str_off + str_len]
+        self._offsets = self._index_types()
+
+    def _index_types(self) -> array:
+        offsets = array("I", [0])  # type id 0 is void
+        pos, end, types = 0, len(self._types), self._types
+        while pos < end:
+            offsets.append(pos)
+            info = struct.unpack_from("<I", types, pos + 4)[0]
+            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+            pos += 12 + _KIND_FIXED_TAIL.get(kind, 0) + _KIND_MEMBER_SIZE.get(kind, 0) * vlen
+        return offsets
+
+    def _string(self, offset: int) -> str:
+        return self._strings[offset : self._strings.index(b"\0", offset)].decode()
+
+    def _head(self, type_id: int) -> tuple[int, int, int, bool, int]:
+        """(name offset, kind, vlen, kind_flag, size or type) of a type."""
+        name_off, info, size_type = struct.unpack_from("<III", self._types, self._offsets[type_id])
+        return name_off, (info >> 24) & 0x1F, info & 0xFFFF, bool(info >> 31), size_type
+
+    def _name_offsets(self, name: str) -> set[int]:
+        needle, found, start = b"\0" + name.encode() + b"\0", set(), 0
+        while (hit := self._strings.find(needle, start)) >= 0:
+            found.add(hit + 1)
+            start = hit + 1
+        return found
+
+    def find(self, kind: int, name: str) -> int:
+        """The id of the first type of `kind` named `name`."""
+        wanted = self._name_offsets(name)
+        for type_id in range(1, len(self._offsets)):
+            name_off, type_kind, *_ = self._head(type_id)
+            if name_off in wanted and type_kind == kind:
+                return type_id
+        raise LayoutError(f"kernel BTF has no {name}")
+
+    def _resolve(self, type_id: int) -> int:
+        """Skip typedefs and qualifiers."""
+        while True:
+            _, kind, _, _, target = self._head(type_id)
+            if kind not in _KIND_MODIFIERS:
+                return type_id
+            type_id = target
+
+    def _members(self, type_id: int) -> list[tuple[str, _Member]]:
+        _, kind, vlen, kind_flag, _ = self._head(type_id)
+        if kind not in (_KIND_STRUCT, _KIND_UNION):
+            return []
+        base = self._offsets[type_id] + 12
+        members = []
+        for index in range(vlen):
+            name_off, member_type, offset = struct.unpack_from(
+                "<III", self._types, base + 12 * index
+            )
+            bits = (offset & 0xFFFFFF, offset >> 24) if kind_flag else (offset, 0)
+            members.append((self._string(name_off), _Member(bits[0], bits[1], member_type)))
+        return members
+
+    def member(self, type_id: int, name: str) -> _Member:
+        """A member of a struct or union, looking inside anonymous members too."""
+        for member_name, member in self._members(self._resolve(type_id)):
+            if member_name == name:
+                return member
+            if not member_name:
+                with contextlib.suppress(LayoutError):
+                    inner = self.member(member.type_id, name)
+                    return _Member(
+                        member.bit_offset + inner.bit_offset, inner.bit_size, inner.type_id
+                    )
+        raise LayoutError(f"kernel BTF: no member {name} in {self._string(self._head(type_id)[0])}")
+
+    def field(self, struct_name: str, path: str) -> _Member:
+        """`field("net_device", "nd_net.net")`: the member with its offset from the struct start."""
+        type_id = self.find(_KIND_STRUCT, struct_name)
+        bit_offset, found = 0, _Member(0, 0, type_id)
+        for name in path.split("."):
+            found = self.member(found.type_id, name)
+            bit_offset += found.bit_offset
+        return _Member(bit_offset, found.bit_size, found.type_id)
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    """What the probe needs to know about this kernel's structures, from its BTF."""
+
+    skb_dev: int
+    skb_tc_flags: int  # byte holding the tc_at_ingress bit
+    tc_at_ingress_mask: int
+    dev_ifindex: int
+    dev_net: int
+    net_inum: int
+    tp_prio: int
+    tp_chain: int
+    chain_index: int
+    chain_block: int
+    block_q: int
+    qdisc_handle: int
+    classify_btf_id: int  # cls_bpf_classify's FUNC in vmlinux BTF
+
+    def cflags(self) -> list[str]:
+        defines = {
+            "OFF_SKB_DEV": self.skb_dev,
+            "OFF_SKB_TC_FLAGS": self.skb_tc_flags,
+            "MASK_TC_AT_INGRESS": self.tc_at_ingress_mask,
+            "OFF_DEV_IFINDEX": self.dev_ifindex,
+            "OFF_DEV_NET": self.dev_net,
+            "OFF_NET_INUM": self.net_inum,
+            "OFF_TP_PRIO": self.tp_prio,
+            "OFF_TP_CHAIN": self.tp_chain,
+            "OFF_CHAIN_INDEX": self.chain_index,
+            "OFF_CHAIN_BLOCK": self.chain_block,
+            "OFF_BLOCK_Q": self.block_q,
+            "OFF_QDISC_HANDLE": self.qdisc_handle,
+        }
+        return [f"-D{name}={value}" for name, value in defines.items()]
+
+
+def _byte_offset(btf: Btf, struct_name: str, path: str) -> int:
+    member = btf.field(struct_name, path)
+    if member.bit_size or member.bit_offset % 8:
+        raise LayoutError(f"kernel BTF: {struct_name}.{path} is a bitfield")
+    return member.bit_offset // 8
+
+
+def layout_from_btf(btf: Btf) -> KernelLayout:
+    at_ingress = btf.field("sk_buff", "tc_at_ingress")
+    if at_ingress.bit_size != 1:
+        raise LayoutError("kernel BTF: sk_buff.tc_at_ingress is not a one-bit field")
+    return KernelLayout(
+        skb_dev=_byte_offset(btf, "sk_buff", "dev"),
+        skb_tc_flags=at_ingress.bit_offset // 8,
+        tc_at_ingress_mask=1 << (at_ingress.bit_offset % 8),  # little endian bit order
+        dev_ifindex=_byte_offset(btf, "net_device", "ifindex"),
+        dev_net=_byte_offset(btf, "net_device", "nd_net.net"),
+        net_inum=_byte_offset(btf, "net", "ns.inum"),
+        tp_prio=_byte_offset(btf, "tcf_proto", "prio"),
+        tp_chain=_byte_offset(btf, "tcf_proto", "chain"),
+        chain_index=_byte_offset(btf, "tcf_chain", "index"),
+        chain_block=_byte_offset(btf, "tcf_chain", "block"),
+        block_q=_byte_offset(btf, "tcf_block", "q"),
+        qdisc_handle=_byte_offset(btf, "Qdisc", "handle"),
+        classify_btf_id=btf.find(_KIND_FUNC, CLASSIFY_FUNC),
+    )
+
+
+@functools.cache
+def kernel_layout(path: Path = VMLINUX_BTF) -> KernelLayout:
+    """The running kernel's layout (parsed once per process; about 0.3 s)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LayoutError(f"no kernel BTF at {path} ({exc.strerror})") from exc
+    return layout_from_btf(Btf(data))
+
+
+# --- bpf(2): tracing programs (fexit) and their links ----------------------------------------
+
+_BPF_PROG_LOAD = 5
+_BPF_OBJ_GET_INFO_BY_FD = 15
+_BPF_LINK_CREATE = 28
+BPF_PROG_TYPE_TRACING = 26
+BPF_TRACE_FEXIT = 25
+_OBJ_NAME_LEN = 16
+_u32, _u64 = ctypes.c_uint32, ctypes.c_uint64
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_syscall.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_ulong)
+_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, -1)
+
+
+class _TracingLoadAttr(ctypes.Structure):
+    """union bpf_attr's prog-load member, up to attach_prog_fd."""
+
+    _fields_ = (
+        ("prog_type", _u32),
+        ("insn_cnt", _u32),
+        ("insns", _u64),
+        ("license", _u64),
+        ("log_level", _u32),
+        ("log_size", _u32),
+        ("log_buf", _u64),
+        ("kern_version", _u32),
+        ("prog_flags", _u32),
+        ("prog_name", ctypes.c_char * _OBJ_NAME_LEN),
+        ("prog_ifindex", _u32),
+        ("expected_attach_type", _u32),
+        ("prog_btf_fd", _u32),
+        ("func_info_rec_size", _u32),
+        ("func_info", _u64),
+        ("func_info_cnt", _u32),
+        ("line_info_rec_size", _u32),
+        ("line_info", _u64),
+        ("line_info_cnt", _u32),
+        ("attach_btf_id", _u32),
+        ("attach_prog_fd", _u32),
+    )
+
+
+class _TracingLinkAttr(ctypes.Structure):
+    """union bpf_attr's link-create member for a tracing program (target set at load)."""
+
+    _fields_ = (
+        ("prog_fd", _u32),
+        ("target_fd", _u32),
+        ("attach_type", _u32),
+        ("flags", _u32),
+        ("target_btf_id", _u32),
+        ("pad", _u32),
+        ("cookie", _u64),
+    )
+
+
+class _ProgInfoHead(ctypes.Structure):
+    """struct bpf_prog_info up to nr_func_info (the kernel fills what fits)."""
+
+    _fields_ = (
+        ("type", _u32),
+        ("id", _u32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", _u32),
+        ("xlated_prog_len", _u32),
+        ("jited_prog_insns", _u64),
+        ("xlated_prog_insns", _u64),
+        ("load_time", _u64),
+        ("created_by_uid", _u32),
+        ("nr_map_ids", _u32),
+        ("map_ids", _u64),
+        ("name", ctypes.c_char * _OBJ_NAME_LEN),
+        ("ifindex", _u32),
+        ("gpl_compatible", _u32),
+        ("netns_dev", _u64),
+        ("netns_ino", _u64),
+        ("nr_jited_ksyms", _u32),
+        ("nr_jited_func_lens", _u32),
+        ("jited_ksyms", _u64),
+        ("jited_func_lens", _u64),
+        ("btf_id", _u32),
+        ("func_info_rec_size", _u32),
+        ("func_info", _u64),
+        ("nr_func_info", _u32),
+    )
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = (("bpf_fd", _u32), ("info_len", _u32), ("info", _u64))
+
+
+def _bpf(cmd: int, name: str, attr: ctypes.Structure, detail: str = "") -> int:
+    ret = _syscall(_NR_BPF, cmd, ctypes.addressof(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        raise BpfError(name, ctypes.get_errno(), detail)
+    return ret
+
+
+def _log_text(log: ctypes.Array) -> str:
+    lines = log.value.decode("utf-8", "replace").strip().splitlines()
+    return " | ".join(lines[-6:])
+
+
+def load_fexit(insns: bytes, name: str, attach_btf_id: int, attach_prog_fd: int = 0) -> int:
+    """Load a BPF_TRACE_FEXIT program on a kernel function (attach_prog_fd 0, attach_btf_id in
+    vmlinux BTF) or on a BPF program (its fd, and its function's id in the program's BTF)."""
+    insns_buf = ctypes.create_string_buffer(insns, len(insns))
+    license_buf = ctypes.create_string_buffer(b"GPL")
+    log = ctypes.create_string_buffer(1 << 16)
+    attr = _TracingLoadAttr(
+        prog_type=BPF_PROG_TYPE_TRACING,
+        insn_cnt=len(insns) // 8,
+        insns=ctypes.addressof(insns_buf),
+        license=ctypes.addressof(license_buf),
+        log_level=1,
+        log_size=len(log),
+        log_buf=ctypes.addressof(log),
+        prog_name=name.encode()[: _OBJ_NAME_LEN - 1],
+        expected_attach_type=BPF_TRACE_FEXIT,
+        attach_btf_id=attach_btf_id,
+        attach_prog_fd=attach_prog_fd,
+    )
+    ret = _syscall(_NR_BPF, _BPF_PROG_LOAD, ctypes.addressof(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise BpfError("BPF_PROG_LOAD", err, _log_text(log) or "empty verifier log")
+    return ret
+
+
+def attach_tracing(prog_fd: int) -> int:
+    """Attach a loaded fexit program where its load said; returns the link fd."""
+    attr = _TracingLinkAttr(prog_fd=prog_fd, attach_type=BPF_TRACE_FEXIT)
+    return _bpf(_BPF_LINK_CREATE, "BPF_LINK_CREATE", attr)
+
+
+def _prog_info(prog_fd: int, info: _ProgInfoHead) -> None:
+    attr = _InfoAttr(prog_fd, ctypes.sizeof(info), ctypes.addressof(info))
+    _bpf(_BPF_OBJ_GET_INFO_BY_FD, "BPF_OBJ_GET_INFO_BY_FD", attr)
+
+
+def main_func_btf_id(prog_fd: int) -> int:
+    """The BTF type id of a program's main function (what fexit on it attaches to)."""
+    head = _ProgInfoHead()
+    _prog_info(prog_fd, head)
+    if not head.btf_id or not head.nr_func_info:
+        raise BpfError("BPF_OBJ_GET_INFO_BY_FD", errno.ENOENT, f"program {head.id} has no BTF")
+    count, rec_size = head.nr_func_info, head.func_info_rec_size
+    records = ctypes.create_string_buffer(count * rec_size)
+    info = _ProgInfoHead(
+        nr_func_info=count, func_info_rec_size=rec_size, func_info=ctypes.addressof(records)
+    )
+    _prog_info(prog_fd, info)
+    for index in range(count):
+        insn_off, type_id = struct.unpack_from("<II", records.raw, index * rec_size)
+        if insn_off == 0:
+            return type_id
+    raise BpfError("BPF_OBJ_GET_INFO_BY_FD", errno.ENOENT, f"program {head.id}: no main function")
+
+
+def with_target_id(insns: bytes, prog_id: int) -> bytes:
+    """verdict_fexit_prog's code with TARGET_PROG_ID_MARK replaced by `prog_id`."""
+    code = bytearray(insns)
+    imms = [struct.unpack_from("<i", code, pc * 8 + 4)[0] for pc in range(len(code) // 8)]
+    hits = [pc for pc, imm in enumerate(imms) if imm == TARGET_PROG_ID_MARK]
+    if len(hits) != 1:
+        raise ValueError(f"expected one TARGET_PROG_ID_MARK in the program, found {len(hits)}")
+    struct.pack_into("<i", code, hits[0] * 8 + 4, prog_id)
+    return bytes(code)
+
+
+TRIVIAL_PROGRAM = bytes([0xB7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])  # r0 = 0; exit
+
+
+def _try_fexit(attach_btf_id: int, attach_prog_fd: int = 0) -> BpfError | None:
+    """Load and attach a do-nothing fexit program, then drop it: None if that worked."""
+    try:
+        prog_fd = load_fexit(TRIVIAL_PROGRAM, "tcprio_fx_test", attach_btf_id, attach_prog_fd)
+    except BpfError as exc:
+        return exc
+    try:
+        os.close(attach_tracing(prog_fd))
+    except BpfError as exc:
+        return exc
+    finally:
+        os.close(prog_fd)
+    return None
+
+
+# --- kprobes ---------------------------------------------------------------------------------
+
+
+def _config_option(name: str, config: Path = KERNEL_CONFIG) -> str | None:
+    """One kernel config option: "y", "m", "n" (is not set), or None when unknown."""
+    try:
+        with gzip.open(config, "rt") as f:
+            text = f.read()
+    except OSError:
+        return None
+    if f"# {name} is not set" in text:
+        return "n"
+    for line in text.splitlines():
+        if line.startswith(f"{name}="):
+            return line.split("=", 1)[1]
+    return None
+
+
+def kprobe_problem() -> str | None:
+    """Why kprobes cannot be attached here, or None when the kprobe PMU is there."""
+    if KPROBE_PMU_TYPE.exists():
+        return None
+    if _config_option("CONFIG_KPROBES") == "n":
+        return "kprobes are not available on this kernel (CONFIG_KPROBES unset)"
+    return f"kprobes are not available on this kernel (no kprobe PMU: {KPROBE_PMU_TYPE} is missing)"
+
+
+# --- reasons ---------------------------------------------------------------------------------
+
+
+def _bpf_failure(what: str, exc: BpfError) -> str:
+    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    text = f"{what} fails with {code} at {exc.command.removeprefix('bpf(').removesuffix(')')}"
+    return f"{text} ({exc.detail})" if exc.detail else text
+
+
+def off_reason(attempts: Iterable[AttachAttempt]) -> str:
+    """One sentence: why none of the attempts worked."""
+    causes = [attempt.error for attempt in attempts if attempt.error]
+    if not causes:
+        return "no way of hooking cls_bpf was tried: live verdict counts are off"
+    joined = causes[0] if len(causes) == 1 else ", ".join(causes[:-1]) + " and " + causes[-1]
+    return f"{joined}: live verdict counts are off"
+
+
+ON_REASON = {
+    ProbeMode.FEXIT: "counting cls_bpf_classify results per priority with fexit",
+    ProbeMode.KRETPROBE: "counting cls_bpf_classify results per priority with a kretprobe",
+    ProbeMode.FEXIT_PROG: "counting the target programs' raw return values with fexit on each",
+}
+
+
+def _status(attempts: list[AttachAttempt]) -> ProbeStatus:
+    last = attempts[-1] if attempts else None
+    if last is not None and last.error is None:
+        return ProbeStatus(True, last.mode, ON_REASON[last.mode], tuple(attempts))
+    return ProbeStatus(False, ProbeMode.NONE, off_reason(attempts), tuple(attempts))
+
+
+# --- cheap support check ---------------------------------------------------------------------
+
+NO_TARGETS = "no classifier programs were given for fexit on programs"
+
+
+def _fexit_classify_problem() -> str | None:
+    try:
+        layout = kernel_layout()
+    except LayoutError as exc:
+        return f"fexit on {CLASSIFY_FUNC} is impossible: {exc}"
+    failure = _try_fexit(layout.classify_btf_id)
+    return None if failure is None else _bpf_failure(f"fexit on {CLASSIFY_FUNC}", failure)
+
+
+def _fexit_prog_problem(targets: Sequence[ProbeTarget]) -> str | None:
+    if not targets:
+        return NO_TARGETS
+    prog_id = targets[0].prog_id
+    try:
+        with bpf_syscalls.open_prog(prog_id) as target_fd:
+            failure = _try_fexit(main_func_btf_id(target_fd), target_fd)
+    except BpfError as exc:
+        failure = exc
+    return None if failure is None else _bpf_failure(f"fexit on program {prog_id}", failure)
+
+
+def _support_problem(mode: ProbeMode, targets: Sequence[ProbeTarget]) -> str | None:
+    if mode is ProbeMode.FEXIT:
+        return _fexit_classify_problem()
+    if mode is ProbeMode.KRETPROBE:
+        return kprobe_problem()
+    if mode is ProbeMode.FEXIT_PROG:
+        return _fexit_prog_problem(targets)
+    return "no probe mode"
+
+
+def probe_support(
+    targets: Sequence[ProbeTarget] = (), modes: Sequence[ProbeMode] = DEFAULT_MODES
+) -> ProbeStatus:
+    """Whether the probe can attach here, without compiling it: the kprobe PMU's presence, and a
+    do-nothing fexit program loaded, attached and dropped (on cls_bpf_classify, and on the first
+    target program when targets are given). About 0.3 s, most of it reading the kernel's BTF."""
+    attempts: list[AttachAttempt] = []
+    for mode in modes:
+        attempts.append(AttachAttempt(mode, _support_problem(mode, targets)))
+        if attempts[-1].error is None:
+            break
+    return _status(attempts)
+
+
+# --- the probe -------------------------------------------------------------------------------
+
+KPROBE_ENTRY, KRETPROBE_RETURN = "verdict_kprobe_entry", "verdict_kretprobe"
+FEXIT_CLASSIFY, FEXIT_PROG = "verdict_fexit_classify", "verdict_fexit_prog"
+
+
+def compile_probe(
+    layout: KernelLayout, source: Path = VERDICT_PROBE_C, extra_text: str = ""
+) -> Any:
+    """bpf/verdict_probe.c compiled by BCC for this kernel's layout (a `bcc.BPF`; about 1 s).
+    `extra_text` is appended to the source (tests add programs that reuse its functions)."""
+    prepare_bcc_environment()
+    from bcc import BPF  # late: only worth importing when compiling
+
+    return BPF(text=(source.read_text() + extra_text).encode(), cflags=layout.cflags())
+
+
+def load_kprobe_programs(bpf: Any) -> tuple[int, int]:
+    """Load the kprobe / kretprobe pair as BPF_PROG_TYPE_KPROBE (no kprobe needed to load)."""
+    from bcc import BPF
+
+    entry = bpf.load_func(KPROBE_ENTRY.encode(), BPF.KPROBE)
+    ret = bpf.load_func(KRETPROBE_RETURN.encode(), BPF.KPROBE)
+    return entry.fd, ret.fd
+
+
+def target_priority(
+    targets: Sequence[ProbeTarget],
+    prog_id: int,
+    netns_inode: int,
+    ifindex: int,
+    direction: Direction | None,
+) -> int | None:
+    """The one priority the targets give this program at this place, else None."""
+    priorities = {
+        target.priority
+        for target in targets
+        if target.prog_id == prog_id
+        and target.netns_inode in (None, netns_inode)
+        and target.ifindex in (None, ifindex)
+        and target.direction in (None, direction)
+    }
+    return priorities.pop() if len(priorities) == 1 else None
+
+
+def verdict_key(raw: Any, targets: Sequence[ProbeTarget] = ()) -> VerdictKey:
+    """A `struct verdict_key` of the count map (any object with its fields) as a VerdictKey."""
+    direction = WHERE_DIRECTION.get(raw.where)
+    if raw.prog_id:
+        priority = target_priority(targets, raw.prog_id, raw.netns_inode, raw.ifindex, direction)
+        return VerdictKey(
+            raw.netns_inode, raw.ifindex, priority, direction, raw.retval, None, raw.prog_id
+        )
+    return VerdictKey(raw.netns_inode, raw.ifindex, raw.prio, direction, raw.retval, raw.chain)
+
+
+class ProbeUnavailable(Exception):
+    """The probe cannot be compiled or loaded on this machine; the message says why."""
+
+
+@dataclass(frozen=True)
+class ProbeMisses:
+    map_full: int  # packets not counted: the count map was full
+    stash: int  # kretprobe mode: an entry and a return that did not pair (not counted)
+
+
+class LiveProbe:
+    """Counts cls_bpf return codes on live traffic; `start()`, then `counts()`, then `close()`.
+
+    `targets` are the classifier programs to hook in fexit-prog mode (ignored by the other
+    modes, which see every cls_bpf filter of every namespace); `modes` are tried in order."""
+
+    def __init__(
+        self,
+        targets: Iterable[ProbeTarget] = (),
+        modes: Sequence[ProbeMode] = DEFAULT_MODES,
+        source: Path = VERDICT_PROBE_C,
+    ) -> None:
+        self._targets = tuple(targets)
+        self._modes = tuple(modes)
+        self._source = source
+        self._bpf: Any = None
+        self._prog_fds: list[int] = []
+        self._link_fds: list[int] = []
+        self._kprobes: list[tuple[bytes, bool]] = []  # (event, is return probe), BCC-attached
+        self._target_errors: list[str] = []
+        self._status: ProbeStatus | None = None
+
+    @property
+    def status(self) -> ProbeStatus | None:
+        return self._status
+
+    @property
+    def target_errors(self) -> tuple[str, ...]:
+        """fexit-prog mode: the targets that could not be hooked, and why."""
+        return tuple(self._target_errors)
+
+    def load(self) -> tuple[int, int]:
+        """Compile the probe for this kernel and load the kprobe / kretprobe pair, which needs no
+        kprobe support to load: the verifier has then checked the counting code. Returns the
+        pair's program ids. Raises ProbeUnavailable when the probe cannot even be compiled."""
+        if self._bpf is None:
+            self._bpf = self._compile()
+        try:
+            fds = load_kprobe_programs(self._bpf)
+        except Exception as exc:  # BCC reports a load failure as a bare Exception
+            raise ProbeUnavailable(f"the kprobe programs do not load ({exc})") from exc
+        return bpf_syscalls.prog_id_of_fd(fds[0]), bpf_syscalls.prog_id_of_fd(fds[1])
+
+    def _compile(self) -> Any:
+        try:
+            return compile_probe(kernel_layout(), self._source)
+        except (LayoutError, HeadersMissing, ImportError, OSError) as exc:
+            raise ProbeUnavailable(str(exc)) from exc
+        except Exception as exc:  # BCC reports a compile error as a bare Exception
+            raise ProbeUnavailable(f"BCC could not compile {self._source.name} ({exc})") from exc
+
+    def start(self) -> ProbeStatus:
+        """Compile, load, attach. Never raises because the kernel or machine cannot: the status
+        says what happened. When nothing attaches, everything is already freed."""
+        if self._status is None:
+            self._status = self._start()
+            if not self._status.available:
+                self._release()
+        return self._status
+
+    def _start(self) -> ProbeStatus:
+        try:
+            self.load()
+        except ProbeUnavailable as exc:
+            return ProbeStatus(False, ProbeMode.NONE, f"{exc}: live verdict counts are off")
+        attempts: list[AttachAttempt] = []
+        for mode in self._modes:
+            attempts.append(AttachAttempt(mode, self._attach(mode)))
+            if attempts[-1].error is None:
+                break
+            self._detach()
+        return _status(attempts)
+
+    def _attach(self, mode: ProbeMode) -> str | None:
+        if mode is ProbeMode.FEXIT:
+            return self._attach_fexit_classify()
+        if mode is ProbeMode.KRETPROBE:
+            return self._attach_kretprobe()
+        if mode is ProbeMode.FEXIT_PROG:
+            return self._attach_fexit_programs()
+        return "no probe mode"
+
+    def _attach_fexit_classify(self) -> str | None:
+        code = self._bpf.dump_func(FEXIT_CLASSIFY.encode())
+        try:
+            prog_fd = load_fexit(code, FEXIT_CLASSIFY[:15], kernel_layout().classify_btf_id)
+            self._prog_fds.append(prog_fd)
+            self._link_fds.append(attach_tracing(prog_fd))
+        except BpfError as exc:
+            return _bpf_failure(f"fexit on {CLASSIFY_FUNC}", exc)
+        return None
+
+    def _attach_kretprobe(self) -> str | None:
+        problem = kprobe_problem()
+        if problem is not None:
+            return problem
+        event = CLASSIFY_FUNC.encode()
+        try:  # the return probe first: it tolerates returns whose entry it did not see
+            self._bpf.attach_kretprobe(event=event, fn_name=KRETPROBE_RETURN.encode())
+            self._kprobes.append((event, True))
+            self._bpf.attach_kprobe(event=event, fn_name=KPROBE_ENTRY.encode())
+            self._kprobes.append((event, False))
+        except Exception as exc:  # BCC: bare Exception
+            return f"kprobes on {CLASSIFY_FUNC} do not attach ({exc})"
+        return None
+
+    def _attach_fexit_programs(self) -> str | None:
+        if not self._targets:
+            return NO_TARGETS
+        code = self._bpf.dump_func(FEXIT_PROG.encode())
+        self._target_errors = []
+        prog_ids = sorted({target.prog_id for target in self._targets})
+        for prog_id in prog_ids:
+            error = self._hook_program(code, prog_id)
+            if error is not None:
+                self._target_errors.append(error)
+        if len(self._target_errors) == len(prog_ids):
+            return self._target_errors[0]
+        return None
+
+    def _hook_program(self, code: bytes, prog_id: int) -> str | None:
+        try:
+            with bpf_syscalls.open_prog(prog_id) as target_fd:
+                btf_id = main_func_btf_id(target_fd)
+                name = f"verdict_p{prog_id}"[:15]
+                prog_fd = load_fexit(with_target_id(code, prog_id), name, btf_id, target_fd)
+            self._prog_fds.append(prog_fd)
+            self._link_fds.append(attach_tracing(prog_fd))
+        except BpfError as exc:
+            return _bpf_failure(f"fexit on program {prog_id}", exc)
+        return None
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def counts(self) -> dict[VerdictKey, int]:
+        """Packets counted since start(), by key; {} when the probe is not running."""
+        if self._bpf is None or self._status is None or not self._status.available:
+            return {}
+        counted: dict[VerdictKey, int] = {}
+        for raw_key, per_cpu in self._bpf.get_table(COUNT_MAP.encode()).items():
+            key = verdict_key(raw_key, self._targets)
+            counted[key] = counted.get(key, 0) + sum(per_cpu)
+        return counted
+
+    def misses(self) -> ProbeMisses:
+        if self._bpf is None:
+            return ProbeMisses(0, 0)
+        table = self._bpf.get_table(MISS_MAP.encode())
+        totals = [sum(table[ctypes.c_int(slot)]) for slot in (0, 1)]
+        return ProbeMisses(map_full=totals[0], stash=totals[1])
+
+    # --- cleanup -----------------------------------------------------------------------------
+
+    def _detach(self) -> None:
+        """Drop what the last attach attempt made (links, fexit programs, kprobes)."""
+        for fd in self._link_fds + self._prog_fds:
+            os.close(fd)
+        self._link_fds.clear()
+        self._prog_fds.clear()
+        for event, is_return in self._kprobes:
+            with contextlib.suppress(Exception):  # BCC: bare Exception
+                detach = self._bpf.detach_kretprobe if is_return else self._bpf.detach_kprobe
+                detach(event=event)
+        self._kprobes.clear()
+
+    def _release(self) -> None:
+        self._detach()
+        if self._bpf is not None:
+            self._bpf.cleanup()  # BCC's own program fds and the maps
+            self._bpf = None
+
+    def close(self) -> None:
+        """Detach and free everything: no link, program or map of the probe stays behind.
+        Idempotent; `start()` may be called again afterwards."""
+        self._release()
+        self._status = None
+
+    def __enter__(self) -> LiveProbe:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,105 @@
+"""The daemon's state as scrapes see it: one immutable snapshot, swapped whole.
+
+The event loop owns the counters and builds a new Snapshot after every change; the HTTP threads
+only ever read the latest one, so every scrape is consistent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from tcprio.churn import Change
+from tcprio.model import DatadogSettings, ProgramInfo, ScanResult
+
+ChangeKey = tuple[str, str, str, int, str]  # namespace, interface, direction, priority, change
+HookKey = tuple[str, str, str]  # namespace, interface, direction
+
+
+@dataclass
+class Counters:
+    """Monotonic totals; series of vanished namespaces and interfaces are dropped."""
+
+    filter_changes: Counter[ChangeKey] = field(default_factory=Counter)
+    replacements: Counter[tuple[str, str, str, int]] = field(default_factory=Counter)
+    disappearances: Counter[HookKey] = field(default_factory=Counter)
+    scans: Counter[str] = field(default_factory=Counter)
+    scan_errors: Counter[str] = field(default_factory=Counter)
+    reloads: Counter[str] = field(default_factory=Counter)
+
+    def count_change(self, change: Change) -> None:
+        hook = (change.namespace, change.interface, str(change.direction))
+        if change.kind in ("add", "delete"):
+            self.filter_changes[(*hook, change.priority, change.kind)] += 1
+        elif change.kind == "replace":
+            self.replacements[(*hook, change.priority)] += 1
+        elif change.kind == "datadog-disappeared":
+            self.disappearances[hook] += 1
+
+    def forget(self, namespace: str, interfaces: set[str] | None = None) -> None:
+        """Drop the series of a namespace (or of some of its interfaces) that went away."""
+
+        def gone(key: tuple) -> bool:
+            return key[0] == namespace and (interfaces is None or key[1] in interfaces)
+
+        for counter in (self.filter_changes, self.replacements, self.disappearances):
+            for key in [k for k in counter if gone(k)]:
+                del counter[key]
+
+    def frozen(self) -> Counters:
+        return Counters(
+            Counter(self.filter_changes),
+            Counter(self.replacements),
+            Counter(self.disappearances),
+            Counter(self.scans),
+            Counter(self.scan_errors),
+            Counter(self.reloads),
+        )
+
+
+@dataclass(frozen=True)
+class ProbeState:
+    available: bool
+    mode: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RunStats:
+    run_cnt: int
+    run_time_ns: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    ready: bool
+    taken_at: float
+    analysis_seconds: float
+    result: ScanResult
+    programs: Mapping[int, ProgramInfo]
+    datadog: DatadogSettings | None
+    namespaces: int
+    interfaces: int
+    counters: Counters
+    run_stats: Mapping[int, RunStats] = field(default_factory=dict)
+    starved: frozenset[HookKey] = frozenset()
+    probe: ProbeState = ProbeState(False, "none", "not started")
+    config_ok: bool = True
+    kernel: str = ""
+
+    @staticmethod
+    def empty(kernel: str = "") -> Snapshot:
+        return Snapshot(
+            ready=False,
+            taken_at=time.time(),
+            analysis_seconds=0.0,
+            result=ScanResult(),
+            programs={},
+            datadog=None,
+            namespaces=0,
+            interfaces=0,
+            counters=Counters(),
+            kernel=kernel,
+        )

@@ -1,0 +1,52 @@
+"""Starvation as observed fact: run counters show Datadog's classifier idle behind busy ones.
+
+BPF run statistics count per program, not per hook, so a verdict is only drawn where the
+Datadog program and the program in its way are each attached to this one hook: then their
+counters speak for this hook alone. Pure: a scan result and counter samples in, hooks out.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+from tcprio.model import ScanResult, Severity
+from tcprio.snapshot import HookKey, RunStats
+
+Samples = Sequence[tuple[float, Mapping[int, RunStats]]]
+MIN_WINDOW_S = 5.0
+
+
+def _attachments(result: ScanResult) -> Counter[int]:
+    return Counter(
+        c.prog_id for hook in result.hooks for c in hook.classifiers if c.prog_id is not None
+    )
+
+
+def _runs(samples: Samples, prog_id: int) -> int | None:
+    first, last = samples[0][1].get(prog_id), samples[-1][1].get(prog_id)
+    if first is None or last is None:
+        return None
+    return last.run_cnt - first.run_cnt
+
+
+def starved_hooks(result: ScanResult, samples: Samples) -> frozenset[HookKey]:
+    if len(samples) < 2 or samples[-1][0] - samples[0][0] < MIN_WINDOW_S:
+        return frozenset()
+    attached = _attachments(result)
+    starved = set()
+    for hook in result.hooks:
+        datadog = [c for c in hook.classifiers if c.is_datadog and c.prog_id is not None]
+        if len(datadog) != 1 or attached[datadog[0].prog_id] != 1:
+            continue
+        blockers = [
+            c.blocker.prog_id
+            for c in hook.conflicts
+            if c.severity in (Severity.CRITICAL, Severity.ERROR)
+            and c.blocker.prog_id is not None
+            and attached[c.blocker.prog_id] == 1
+        ]
+        busy = any((_runs(samples, p) or 0) > 0 for p in blockers)
+        if busy and _runs(samples, datadog[0].prog_id) == 0:
+            starved.add((hook.namespace, hook.interface, str(hook.direction)))
+    return frozenset(starved)
