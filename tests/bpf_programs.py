@@ -197,6 +197,7 @@ def attach_filter(
     direct_action: bool = True,
     protocol: str | int = "all",
     filter_name: str | None = None,
+    replace: bool = False,
 ) -> None:
     """Add a cls_bpf filter running `prog_name` on the clsact qdisc of `ifname` (which must
     exist: `kernel.add_clsact`). The filter lives until the namespace goes away (or
@@ -209,7 +210,7 @@ def attach_filter(
         # Created inside the namespace: the netlink socket stays bound to it.
         with IPRoute() as ipr:
             ipr.tc(
-                "add-filter",
+                "replace-filter" if replace else "add-filter",
                 "bpf",
                 ifindex,
                 handle,

@@ -28,7 +28,7 @@ from tcprio.datadog_config import resolve_settings
 from tcprio.endpoint import Endpoint
 from tcprio.metrics import registry_for
 from tcprio.model import DatadogSettings, NamespaceInventory, NetNamespace, TcFilter
-from tcprio.namespaces import NAMED_NETNS_DIRS, discover_namespaces
+from tcprio.namespaces import NAMED_NETNS_DIRS, NamespaceGone, discover_namespaces
 from tcprio.scan import ProgramCache, analyse_node, inventory_errors
 from tcprio.snapshot import Counters, ProbeState, RunStats, Snapshot
 from tcprio.starvation import starved_hooks
@@ -201,11 +201,20 @@ class Daemon:
         now = time.monotonic()
         self.heartbeat = now
         for key, _mask in self.selector.select(timeout=min(self._next_deadline(now), 1.0)):
-            self._dispatch(*key.data)
+            self._guarded(self._dispatch, *key.data)
         if self.reload_requested:
             self.reload_requested = False
-            self.reload()
-        self._run_timers(time.monotonic())
+            self._guarded(self.reload)
+        self._guarded(self._run_timers, time.monotonic())
+
+    def _guarded(self, step, *args: object) -> None:
+        """A failing step is logged and counted; the loop and the last good state go on."""
+        try:
+            step(*args)
+        except Exception as exc:
+            self.counters.scan_errors["analyse"] += 1
+            self.log("error", "step failed", step=step.__name__,
+                     error=f"{type(exc).__name__}: {exc}")  # fmt: skip
 
     def _dispatch(self, kind: str, ns_key: NsKey | None) -> None:
         if kind == "wake":
@@ -266,7 +275,7 @@ class Daemon:
     def _watch(self, ns: NetNamespace) -> None:
         try:
             watch = NamespaceWatch(ns)
-        except OSError as exc:
+        except (OSError, NamespaceGone) as exc:
             self.log("debug", "cannot watch namespace", namespace=ns.name, error=str(exc))
             return
         watched = Watched(ns, watch)
@@ -381,7 +390,7 @@ class Daemon:
         for event in watched.pending:
             direction = DIRECTION_BY_PARENT.get(event.parent)
             ifname = names.get(event.ifindex)
-            if direction is None or ifname is None or event.handle == 0:
+            if direction is None or ifname is None:
                 continue
             change = "add" if event.kind == "filter-add" else "delete"
             key = (watched.namespace.name, ifname, direction, event.priority, change)

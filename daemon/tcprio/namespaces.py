@@ -108,7 +108,16 @@ def _process_namespace(proc_dir: Path) -> NetNamespace | None:
     )
 
 
+def nsfs_device() -> int | None:
+    """The device number of nsfs, the file system behind every namespace file."""
+    key = _nsfs_key("/proc/thread-self/ns/net")
+    return key[0] if key else None
+
+
 def _named_namespaces(dirs: Iterable[Path]) -> Iterator[NetNamespace]:
+    """Bind-mounted namespace files. `ip netns add` creates the file before it mounts the
+    namespace on it: a file that is not on nsfs yet is skipped (the next sweep finds it)."""
+    nsfs = nsfs_device()
     for folder in dirs:
         source = "docker" if "docker" in folder.parts else "named"
         try:
@@ -118,7 +127,7 @@ def _named_namespaces(dirs: Iterable[Path]) -> Iterator[NetNamespace]:
         for entry in entries:
             path = folder / entry
             key = _nsfs_key(path)
-            if key is None:
+            if key is None or (nsfs is not None and key[0] != nsfs):
                 continue
             yield NetNamespace(inode=key[1], dev=key[0], name=entry, path=str(path), source=source)
 

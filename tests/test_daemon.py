@@ -1,0 +1,291 @@
+"""The daemon against the real kernel: changes show in /metrics, counters count, series go away.
+
+The daemon runs as a subprocess on loopback, watching only this test's namespaces (its config
+includes `tcpriot-d*` names only), while the test adds, replaces and deletes classifiers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tcprio.model import Direction
+from tests.bpf_programs import ClassifierPrograms, attach_filter, tcx_attached
+from tests.kernel import TestNetns, add_clsact, netns, veth, veth_in_one
+from tests.test_run_counters import send_udp
+
+E, IN = Direction.EGRESS, Direction.INGRESS
+BOUND_S = 5.0  # every change must show in /metrics within this time
+
+CONFIG = """
+listen_address: "127.0.0.1:{port}"
+proc_sweep_interval_seconds: 0.5
+tcx_poll_interval_seconds: 0.2
+debounce_seconds: 0.02
+resync_interval_seconds: 30
+namespaces:
+  include: ["tcpriot-d*"]
+datadog:
+  config_files: []
+  scan_processes: false
+live_probe: {live_probe}
+log_level: {log_level}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+Samples = dict[tuple[str, frozenset], float]
+
+
+@dataclass
+class RunningDaemon:
+    proc: subprocess.Popen
+    port: int
+    config: Path
+    stderr: Path
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def metrics(self) -> Samples:
+        status, text = self.get("/metrics")
+        assert status == 200
+        samples: Samples = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                samples[(s.name, frozenset(s.labels.items()))] = s.value
+        return samples
+
+    def wait_for(self, what: str, check: Callable[[Samples], bool]) -> Samples:
+        deadline = time.monotonic() + BOUND_S
+        while True:
+            samples = self.metrics()
+            if check(samples):
+                return samples
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not in /metrics within {BOUND_S}s: {what}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.stderr.read_text()
+
+
+def find(samples: Samples, name: str, **labels: str) -> list[float]:
+    want = set(labels.items())
+    return [v for (n, ls), v in samples.items() if n == name and want <= ls]
+
+
+def write_config(path: Path, port: int, live_probe: str = "false", log_level: str = "info"):
+    path.write_text(CONFIG.format(port=port, live_probe=live_probe, log_level=log_level))
+
+
+@contextlib.contextmanager
+def daemon(tmp_path: Path) -> Iterator[RunningDaemon]:
+    port = free_port()
+    config = tmp_path / "tcprio.yaml"
+    write_config(config, port)
+    stderr = tmp_path / "daemon.log"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tcprio", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    running = RunningDaemon(proc, port, config, stderr)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(OSError):
+                if running.get("/readyz")[0] == 200:
+                    break
+            assert proc.poll() is None, running.log()
+            assert time.monotonic() < deadline, "daemon never became ready"
+            time.sleep(0.05)
+        yield running
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def running(tmp_path, classifier_programs) -> Iterator[RunningDaemon]:
+    with daemon(tmp_path) as d:
+        yield d
+
+
+def hook_labels(ns: TestNetns, ifname: str, direction: Direction) -> dict[str, str]:
+    return {"namespace": ns.name, "interface": ifname, "direction": str(direction)}
+
+
+def test_endpoints_answer(running: RunningDaemon):
+    assert running.get("/healthz")[0] == 200
+    assert running.get("/readyz") == (200, "ready\n")
+    assert running.get("/nope")[0] == 404
+    samples = running.metrics()
+    assert find(samples, "tcprio_build_info", version="0.1.0") == [1.0]
+    assert find(samples, "tcprio_live_probe_available") == [0.0]
+
+
+def test_classifier_and_conflict_changes_show_within_the_bound(running: RunningDaemon):
+    with netns("d-add") as ns:
+        veth_in_one(ns, "p0", "p1")
+        add_clsact(ns, "p0")
+        attach_filter(ns, "p0", E, 10, "classifier_egress", filter_name="classifier/egress_1_2")
+        where = hook_labels(ns, "p0", E)
+        running.wait_for(
+            "the Datadog classifier",
+            lambda s: find(s, "tcprio_classifier_info", **where, datadog="true") == [1.0],
+        )
+        attach_filter(ns, "p0", E, 1, "term_ok")
+        samples = running.wait_for(
+            "the critical conflict",
+            lambda s: find(s, "tcprio_conflict", **where, severity="critical") == [1.0],
+        )
+        assert find(samples, "tcprio_conflicts", severity="critical") == [1.0]
+        assert find(samples, "tcprio_filter_changes_total", **where, priority="1", change="add")
+        attach_filter(ns, "p0", E, 5, "term_shot")
+        # priority 1 stays critical; 5 is fixable by a priority no filter uses: 4
+        running.wait_for(
+            "the recommendation",
+            lambda s: find(s, "tcprio_recommended_classifier_priority") == [4.0],
+        )
+        ns.tc("filter", "del", "dev", "p0", "egress", "prio", "1")
+        running.wait_for(
+            "the critical conflict gone",
+            lambda s: find(s, "tcprio_conflicts", severity="critical") == [0.0]
+            and find(s, "tcprio_filter_changes_total", **where, priority="1", change="delete"),
+        )
+    running.wait_for(
+        "every series of the deleted namespace gone",
+        lambda s: not any(dict(ls).get("namespace") == ns.name for (_, ls) in s),
+    )
+
+
+def test_replacement_and_datadog_disappearance_are_counted(running: RunningDaemon):
+    with netns("d-churn") as ns:
+        veth_in_one(ns, "c0", "c1")
+        add_clsact(ns, "c0")
+        attach_filter(ns, "c0", E, 1, "classifier_egress", handle=1,
+                      filter_name="classifier/egress_1_2")  # fmt: skip
+        attach_filter(ns, "c0", E, 3, "pass_unspec", handle=1)
+        where = hook_labels(ns, "c0", E)
+        running.wait_for(
+            "both classifiers", lambda s: len(find(s, "tcprio_classifier_info", **where)) == 2
+        )
+        # What Cilium <= 1.9 did: replace `prio 1 handle 1`, which held Datadog's classifier.
+        attach_filter(ns, "c0", E, 1, "term_ok", handle=1, replace=True)
+        samples = running.wait_for(
+            "the replacement and the disappearance",
+            lambda s: find(s, "tcprio_filter_replacements_total", **where, priority="1") == [1.0]
+            and find(s, "tcprio_datadog_classifier_disappearances_total", **where) == [1.0],
+        )
+        assert find(samples, "tcprio_conflict", **where, severity="critical") == [1.0]
+    assert '"msg": "datadog-disappeared"' in running.log()
+    assert '"msg": "replace"' in running.log()
+
+
+def test_tcx_links_show_although_they_send_no_netlink_event(running: RunningDaemon):
+    with netns("d-tcx") as ns:
+        veth_in_one(ns, "t0", "t1")
+        where = hook_labels(ns, "t0", IN)
+        with tcx_attached(ns, "t0", IN, "term_redirect"):
+            running.wait_for(
+                "the tcx program",
+                lambda s: find(s, "tcprio_classifier_info", **where, hook="tcx") == [1.0],
+            )
+        running.wait_for(
+            "the tcx program gone",
+            lambda s: find(s, "tcprio_classifier_info", **where, hook="tcx") == [],
+        )
+
+
+def test_run_counts_move_with_real_traffic(running: RunningDaemon, classifier_programs):
+    programs: ClassifierPrograms = classifier_programs
+    with netns("d-tx") as tx, netns("d-rx") as rx:
+        veth(tx, "a0", rx, "b0")
+        tx.ip("addr", "add", "169.254.213.1/30", "dev", "a0")
+        rx.ip("addr", "add", "169.254.213.2/30", "dev", "b0")
+        add_clsact(tx, "a0")
+        attach_filter(tx, "a0", E, 20, "pass_pipe")
+        prog_id = str(programs.prog_id("pass_pipe"))
+        before = running.wait_for(
+            "the program's run counter",
+            lambda s: bool(find(s, "tcprio_classifier_runs_total", prog_id=prog_id)),
+        )
+        start = find(before, "tcprio_classifier_runs_total", prog_id=prog_id)[0]
+        assert send_udp(tx, rx, 40) == 40
+        running.wait_for(
+            "the run counter moving",
+            lambda s: find(s, "tcprio_classifier_runs_total", prog_id=prog_id)[0] >= start + 40,
+        )
+
+
+def test_the_daemon_does_not_keep_a_deleted_namespace_alive(running: RunningDaemon):
+    """Our netlink socket pins its namespace: it must be closed once the namespace is gone."""
+    with netns("d-keep") as keep:
+        with netns("d-gone") as gone:
+            veth(keep, "k0", gone, "g0")
+            running.wait_for(
+                "the namespace watched",
+                lambda s: find(s, "tcprio_namespaces_watched") == [2.0],
+            )
+        # the namespace is destroyed only when nothing holds it; then its veth end goes, and
+        # the peer in the namespace we keep goes with it
+        deadline = time.monotonic() + BOUND_S
+        while "k0" in keep.ip("-o", "link", "show").stdout:
+            assert time.monotonic() < deadline, "the deleted namespace is still alive"
+            time.sleep(0.05)
+
+
+def test_sighup_reloads_good_config_and_keeps_the_last_good_one(running: RunningDaemon):
+    write_config(running.config, running.port, log_level="debug")
+    running.proc.send_signal(signal.SIGHUP)
+    running.wait_for(
+        "a successful reload",
+        lambda s: find(s, "tcprio_config_reloads_total", result="success") == [1.0],
+    )
+    running.config.write_text("listen_address: [broken\n")
+    running.proc.send_signal(signal.SIGHUP)
+    samples = running.wait_for(
+        "a failed reload",
+        lambda s: find(s, "tcprio_config_reloads_total", result="failure") == [1.0],
+    )
+    assert find(samples, "tcprio_config_last_reload_successful") == [0.0]
+    assert running.get("/readyz")[0] == 200  # still serving with the last good config
+    assert "not valid YAML at line" in running.log()
+
+
+def test_sigterm_stops_cleanly(running: RunningDaemon):
+    pid = running.proc.pid
+    assert len(os.listdir(f"/proc/{pid}/fd")) > 0
+    running.proc.send_signal(signal.SIGTERM)
+    assert running.proc.wait(timeout=10) == 0
+    assert '"msg": "stopped"' in running.log()
+    assert "Traceback" not in running.log()
