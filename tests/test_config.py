@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -186,3 +187,9 @@ def test_listen_address_flag_overrides_the_file():
         with_overrides(DaemonConfig(), "nope")
     assert parse_listen_address("[::]:80") == ("::", 80)
     assert parse_listen_address(":80") is None
+
+
+def test_the_shipped_default_file_is_valid_and_says_the_defaults():
+    shipped = Path(__file__).resolve().parent.parent / "systemd" / "tcprio.yaml"
+    config = load_config(shipped)
+    assert dataclasses.replace(config, source="x") == dataclasses.replace(DaemonConfig(), source="x")

@@ -267,7 +267,7 @@ class Daemon:
             self.full_resync()
         interval = sd_notify.watchdog_interval()
         if interval is not None and now >= self._timers["watchdog"]:
-            self._timers["watchdog"] = now + interval / 2
+            self._timers["watchdog"] = now + interval  # already half of WatchdogSec
             sd_notify.watchdog_ping()
 
     # --- namespaces --------------------------------------------------------------------------
