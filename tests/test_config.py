@@ -192,4 +192,6 @@ def test_listen_address_flag_overrides_the_file():
 def test_the_shipped_default_file_is_valid_and_says_the_defaults():
     shipped = Path(__file__).resolve().parent.parent / "systemd" / "tcprio.yaml"
     config = load_config(shipped)
-    assert dataclasses.replace(config, source="x") == dataclasses.replace(DaemonConfig(), source="x")
+    assert dataclasses.replace(config, source="x") == dataclasses.replace(
+        DaemonConfig(), source="x"
+    )

@@ -179,8 +179,10 @@ def test_classifier_and_conflict_changes_show_within_the_bound(running: RunningD
         ns.tc("filter", "del", "dev", "p0", "egress", "prio", "1")
         running.wait_for(
             "the critical conflict gone",
-            lambda s: find(s, "tcprio_conflicts", severity="critical") == [0.0]
-            and find(s, "tcprio_filter_changes_total", **where, priority="1", change="delete"),
+            lambda s: (
+                find(s, "tcprio_conflicts", severity="critical") == [0.0]
+                and find(s, "tcprio_filter_changes_total", **where, priority="1", change="delete")
+            ),
         )
     running.wait_for(
         "every series of the deleted namespace gone",
@@ -203,8 +205,10 @@ def test_replacement_and_datadog_disappearance_are_counted(running: RunningDaemo
         attach_filter(ns, "c0", E, 1, "term_ok", handle=1, replace=True)
         samples = running.wait_for(
             "the replacement and the disappearance",
-            lambda s: find(s, "tcprio_filter_replacements_total", **where, priority="1") == [1.0]
-            and find(s, "tcprio_datadog_classifier_disappearances_total", **where) == [1.0],
+            lambda s: (
+                find(s, "tcprio_filter_replacements_total", **where, priority="1") == [1.0]
+                and find(s, "tcprio_datadog_classifier_disappearances_total", **where) == [1.0]
+            ),
         )
         assert find(samples, "tcprio_conflict", **where, severity="critical") == [1.0]
     assert '"msg": "datadog-disappeared"' in running.log()
