@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from types import MappingProxyType
 
+from tcprio.btf import parse_btf_func_names
 from tcprio.model import Direction, Instruction, MapInfo, ProgramInfo, TcxEntry
 
 _BPF_SYSCALL_NR = {"x86_64": 321, "aarch64": 280}
@@ -69,10 +70,12 @@ class BpfCmd(IntEnum):
 
 BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_PROG_TYPE_SCHED_ACT = 4
+BPF_PROG_TYPE_TRACING = 26
 BPF_MAP_TYPE_PROG_ARRAY = 3
 BPF_LINK_TYPE_TCX = 11
 BPF_TCX_INGRESS = 46
 BPF_TCX_EGRESS = 47
+BPF_TRACE_FEXIT = 25
 BPF_STATS_RUN_TIME = 0
 BPF_FUNC_TAIL_CALL = 12
 
@@ -216,7 +219,8 @@ class _QueryAttr(ctypes.Structure):
 
 
 class _LinkCreateAttr(ctypes.Structure):
-    """The `link_create` member with its tcx part (relative_fd / expected_revision)."""
+    """The `link_create` member with its tcx part (relative_fd / expected_revision). A tracing
+    link's part (target_btf_id, cookie) has the same size; tcprio leaves it zero."""
 
     _fields_ = (
         ("prog_fd", _u32),
@@ -255,6 +259,8 @@ class _EnableStatsAttr(ctypes.Structure):
 
 
 class _ProgLoadAttr(ctypes.Structure):
+    """The `prog_load` member up to attach_prog_fd (tracing programs: their target)."""
+
     _fields_ = (
         ("prog_type", _u32),
         ("insn_cnt", _u32),
@@ -268,6 +274,15 @@ class _ProgLoadAttr(ctypes.Structure):
         ("prog_name", ctypes.c_char * _BPF_OBJ_NAME_LEN),
         ("prog_ifindex", _u32),
         ("expected_attach_type", _u32),
+        ("prog_btf_fd", _u32),
+        ("func_info_rec_size", _u32),
+        ("func_info", _u64),
+        ("func_info_cnt", _u32),
+        ("line_info_rec_size", _u32),
+        ("line_info", _u64),
+        ("line_info_cnt", _u32),
+        ("attach_btf_id", _u32),
+        ("attach_prog_fd", _u32),
     )
 
 
@@ -458,21 +473,9 @@ def list_link_ids() -> list[int]:
 # --- BTF: full program names -----------------------------------------------------------------
 #
 # The kernel keeps 15 characters of a program's name; the full name is the name of the main
-# function's BTF FUNC type (what bpftool prints). Only standalone BTF is parsed: the BTF a loader
-# (BCC, libbpf, cilium/ebpf) hands to BPF_BTF_LOAD always is. Kernel BTF (vmlinux, modules; the
-# latter split on top of vmlinux) is never read.
-
-_BTF_MAGIC = 0xEB9F
-_BTF_HEADER = struct.Struct("=HBBIIIII")  # magic version flags hdr_len type_off/len str_off/len
-_BTF_TYPE = struct.Struct("=III")  # struct btf_type: name_off, info, size / type
-_BTF_KIND_FUNC = 12
-
-# Bytes after struct btf_type, by kind: (fixed, per vlen member). FUNC's vlen is its linkage.
-_BTF_KIND_TRAILER: tuple[tuple[int, int], ...] = (
-    (0, 0), (4, 0), (0, 0), (12, 0), (0, 12), (0, 12), (0, 8), (0, 0),  # UNKN INT PTR ARRAY ...
-    (0, 0), (0, 0), (0, 0), (0, 0), (0, 0), (0, 8), (4, 0), (0, 12),  # TYPEDEF ... VAR DATASEC
-    (0, 0), (4, 0), (0, 0), (0, 12),  # FLOAT DECL_TAG TYPE_TAG ENUM64
-)  # fmt: skip
+# function's BTF FUNC type (what bpftool prints). Only standalone BTF is parsed (tcprio.btf): the
+# BTF a loader (BCC, libbpf, cilium/ebpf) hands to BPF_BTF_LOAD always is. Kernel BTF (vmlinux,
+# modules; the latter split on top of vmlinux) is never read here.
 
 _BTF_NAMES_CACHED = 1024  # BTF objects whose function names `btf_func_names` keeps
 
@@ -505,61 +508,6 @@ def btf_info_from_fd(fd: int, with_data: bool = True) -> BtfInfo:
     head = _btf_info_struct(fd)
     data = _btf_data(fd, head.btf_size) if with_data and head.btf_size else None
     return BtfInfo(id=head.id, size=head.btf_size, kernel_btf=bool(head.kernel_btf), data=data)
-
-
-def _btf_sections(raw: bytes) -> tuple[memoryview, bytes]:
-    """(type section, string section) of standalone raw BTF; ValueError when malformed."""
-    if len(raw) < _BTF_HEADER.size:
-        raise ValueError(f"{len(raw)} bytes is too short for a BTF header")
-    magic, _version, _flags, hdr_len, type_off, type_len, str_off, str_len = (
-        _BTF_HEADER.unpack_from(raw)
-    )
-    if magic != _BTF_MAGIC:
-        raise ValueError(f"bad BTF magic {magic:#06x}")
-    view = memoryview(raw)
-    types = view[hdr_len + type_off : hdr_len + type_off + type_len]
-    strings = raw[hdr_len + str_off : hdr_len + str_off + str_len]
-    if hdr_len < _BTF_HEADER.size or len(types) != type_len or len(strings) != str_len:
-        raise ValueError("BTF sections lie outside the data")
-    return types, strings
-
-
-def _btf_string(strings: bytes, offset: int) -> str:
-    end = strings.find(b"\0", offset)
-    if offset >= len(strings) or end < 0:
-        raise ValueError(f"no BTF string at offset {offset}")
-    return strings[offset:end].decode("utf-8", "replace")
-
-
-def _btf_func_name_offsets(types: memoryview) -> dict[int, int]:
-    """{type id: name_off} of the FUNC types; ids count from 1 in the order of the section."""
-    funcs: dict[int, int] = {}
-    unpack, trailers, end = _BTF_TYPE.unpack_from, _BTF_KIND_TRAILER, len(types)
-    offset, type_id = 0, 1
-    while offset < end:
-        if offset + _BTF_TYPE.size > end:
-            raise ValueError(f"BTF type {type_id} is cut off")
-        name_off, info, _ = unpack(types, offset)
-        kind = (info >> 24) & 0x1F
-        if kind == 0 or kind >= len(trailers):
-            raise ValueError(f"BTF type {type_id} has unknown kind {kind}")
-        if kind == _BTF_KIND_FUNC:
-            funcs[type_id] = name_off
-        fixed, per_member = trailers[kind]
-        offset += _BTF_TYPE.size + fixed + per_member * (info & 0xFFFF)
-        type_id += 1
-    if offset != end:
-        raise ValueError(f"BTF type {type_id - 1} runs past the type section")
-    return funcs
-
-
-def parse_btf_func_names(raw: bytes) -> dict[int, str]:
-    """{type id: name} of every FUNC type of standalone raw BTF; ValueError when malformed."""
-    types, strings = _btf_sections(raw)
-    return {
-        type_id: _btf_string(strings, name_off)
-        for type_id, name_off in _btf_func_name_offsets(types).items()
-    }
 
 
 @functools.lru_cache(maxsize=_BTF_NAMES_CACHED)
@@ -743,6 +691,21 @@ def prog_xlated_bytes(prog_id: int) -> bytes | None:
         return _prog_dump(fd, _prog_info_struct(fd), with_insns=True).xlated
 
 
+def main_func_btf_id(prog_fd: int) -> int:
+    """The BTF type id of a program's main function, the FUNC at insn 0 (what fexit on the
+    program attaches to). BpfError ENOENT when the program has no BTF or no such function."""
+    head = _prog_info_struct(prog_fd)
+    func_count = _func_info_count(head)
+    if not func_count:
+        raise BpfError(BpfCmd.OBJ_GET_INFO_BY_FD, errno.ENOENT, f"program {head.id} has no BTF")
+    type_id = _prog_dump_with(prog_fd, head, False, func_count).main_func_type_id
+    if not type_id:
+        raise BpfError(
+            BpfCmd.OBJ_GET_INFO_BY_FD, errno.ENOENT, f"program {head.id}: no main function"
+        )
+    return type_id
+
+
 # --- maps ------------------------------------------------------------------------------------
 
 
@@ -873,6 +836,11 @@ def tcx_attach(prog_fd: int, ifindex: int, direction: Direction) -> int:
     return _bpf(BpfCmd.LINK_CREATE, attr)
 
 
+def tracing_attach(prog_fd: int, attach_type: int = BPF_TRACE_FEXIT) -> int:
+    """Attach a loaded tracing program where its load aimed it; returns the link fd."""
+    return _bpf(BpfCmd.LINK_CREATE, _LinkCreateAttr(prog_fd=prog_fd, attach_type=attach_type))
+
+
 # --- running programs ------------------------------------------------------------------------
 
 
@@ -912,11 +880,10 @@ def _load(attr: _ProgLoadAttr) -> tuple[int, int]:
     return (ret, 0) if ret >= 0 else (-1, ctypes.get_errno())
 
 
-def prog_load_raw(prog_type: int, insns: bytes, name: str, license: str = "GPL") -> int:
-    """Load raw eBPF bytecode; returns the program fd. On failure the BpfError carries the
-    verifier log's last lines (the load is retried with a log only when it failed)."""
-    if not insns or len(insns) % _INSN_SIZE:
-        raise ValueError(f"{len(insns)} bytes is not a whole number of eBPF instructions")
+def _prog_load_attr(
+    prog_type: int, insns: bytes, name: str, license: str, **fields: int
+) -> tuple[_ProgLoadAttr, tuple[ctypes.Array, ...]]:
+    """The attr that loads `insns`, and the buffers it points into (keep them alive)."""
     insns_buf = ctypes.create_string_buffer(insns, len(insns))
     license_buf = ctypes.create_string_buffer(license.encode())
     attr = _ProgLoadAttr(
@@ -925,7 +892,17 @@ def prog_load_raw(prog_type: int, insns: bytes, name: str, license: str = "GPL")
         insns=ctypes.addressof(insns_buf),
         license=ctypes.addressof(license_buf),
         prog_name=name.encode()[: _BPF_OBJ_NAME_LEN - 1],
+        **fields,
     )
+    return attr, (insns_buf, license_buf)
+
+
+def prog_load_raw(prog_type: int, insns: bytes, name: str, license: str = "GPL") -> int:
+    """Load raw eBPF bytecode; returns the program fd. On failure the BpfError carries the
+    verifier log's last lines (the load is retried with a log only when it failed)."""
+    if not insns or len(insns) % _INSN_SIZE:
+        raise ValueError(f"{len(insns)} bytes is not a whole number of eBPF instructions")
+    attr, _buffers = _prog_load_attr(prog_type, insns, name, license)
     fd, err = _load(attr)
     if fd >= 0:
         return fd
@@ -935,6 +912,40 @@ def prog_load_raw(prog_type: int, insns: bytes, name: str, license: str = "GPL")
     if fd >= 0:  # a load that only failed the first time: keep it
         return fd
     raise BpfError(BpfCmd.PROG_LOAD, err, f"{name}: {_verifier_log_tail(log.raw)}")
+
+
+def prog_load_tracing(
+    insns: bytes,
+    name: str,
+    attach_btf_id: int,
+    attach_prog_fd: int = 0,
+    attach_type: int = BPF_TRACE_FEXIT,
+    license: str = "GPL",
+) -> int:
+    """Load a BPF_PROG_TYPE_TRACING program (fexit by default) aimed at a kernel function
+    (attach_prog_fd 0, attach_btf_id in vmlinux BTF) or at a BPF program (its fd, and its
+    function's id in the program's BTF: `main_func_btf_id`); returns the program fd. Loaded
+    with a verifier log: the BpfError of a failure carries its last lines, or "empty verifier
+    log" when the kernel refused before the verifier ran."""
+    log = ctypes.create_string_buffer(1 << 16)
+    attr, _buffers = _prog_load_attr(
+        BPF_PROG_TYPE_TRACING,
+        insns,
+        name,
+        license,
+        log_level=1,
+        log_size=len(log),
+        log_buf=ctypes.addressof(log),
+        expected_attach_type=attach_type,
+        attach_btf_id=attach_btf_id,
+        attach_prog_fd=attach_prog_fd,
+    )
+    fd, err = _load(attr)
+    if fd < 0:
+        raise BpfError(
+            BpfCmd.PROG_LOAD, err, _verifier_log_tail(log.raw, 6) or "empty verifier log"
+        )
+    return fd
 
 
 # --- kernel helper names ---------------------------------------------------------------------

@@ -26,7 +26,6 @@ import functools
 import gzip
 import os
 import struct
-from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -35,7 +34,8 @@ from typing import Any
 
 from tcprio import bpf_syscalls
 from tcprio.bcc_support import HeadersMissing, prepare_bcc_environment
-from tcprio.bpf_syscalls import BpfError
+from tcprio.bpf_syscalls import BPF_TRACE_FEXIT, BpfError, main_func_btf_id
+from tcprio.btf import KIND_FUNC, Btf, BtfLookupError
 from tcprio.model import Direction
 
 VERDICT_PROBE_C = Path(__file__).resolve().parents[2] / "bpf" / "verdict_probe.c"
@@ -103,114 +103,9 @@ class ProbeTarget:
 
 # --- kernel BTF: structure offsets and function ids -----------------------------------------
 
-_BTF_MAGIC = 0xEB9F
-_KIND_STRUCT, _KIND_UNION, _KIND_FUNC = 4, 5, 12
-_KIND_MODIFIERS = frozenset({8, 9, 10, 11, 18})  # typedef, volatile, const, restrict, type_tag
-_KIND_FIXED_TAIL = {1: 4, 3: 12, 14: 4, 17: 4}  # int, array, var, decl_tag
-_KIND_MEMBER_SIZE = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}  # struct, union, enum, ...
-
 
 class LayoutError(Exception):
     """The kernel's BTF lacks a type or field the probe needs."""
-
-
-@dataclass(frozen=True)
-class _Member:
-    bit_offset: int
-    bit_size: int  # 0: not a bitfield
-    type_id: int
-
-
-class Btf:
-    """A read-only view of a BTF blob: enough to find functions and members' offsets."""
-
-    def __init__(self, data: bytes) -> None:
-        magic, _, _, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from(
-            "<HBBIIIII", data
-        )
-        if magic != _BTF_MAGIC:
-            raise LayoutError("not a BTF blob")
-        self._types = data[hdr_len + type_off : hdr_len + type_off + type_len]
-        self._strings = data[hdr_len + str_off : hdr_len + str_off + str_len]
-        self._offsets = self._index_types()
-
-    def _index_types(self) -> array:
-        offsets = array("I", [0])  # type id 0 is void
-        pos, end, types = 0, len(self._types), self._types
-        while pos < end:
-            offsets.append(pos)
-            info = struct.unpack_from("<I", types, pos + 4)[0]
-            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-            pos += 12 + _KIND_FIXED_TAIL.get(kind, 0) + _KIND_MEMBER_SIZE.get(kind, 0) * vlen
-        return offsets
-
-    def _string(self, offset: int) -> str:
-        return self._strings[offset : self._strings.index(b"\0", offset)].decode()
-
-    def _head(self, type_id: int) -> tuple[int, int, int, bool, int]:
-        """(name offset, kind, vlen, kind_flag, size or type) of a type."""
-        name_off, info, size_type = struct.unpack_from("<III", self._types, self._offsets[type_id])
-        return name_off, (info >> 24) & 0x1F, info & 0xFFFF, bool(info >> 31), size_type
-
-    def _name_offsets(self, name: str) -> set[int]:
-        needle, found, start = b"\0" + name.encode() + b"\0", set(), 0
-        while (hit := self._strings.find(needle, start)) >= 0:
-            found.add(hit + 1)
-            start = hit + 1
-        return found
-
-    def find(self, kind: int, name: str) -> int:
-        """The id of the first type of `kind` named `name`."""
-        wanted = self._name_offsets(name)
-        for type_id in range(1, len(self._offsets)):
-            name_off, type_kind, *_ = self._head(type_id)
-            if name_off in wanted and type_kind == kind:
-                return type_id
-        raise LayoutError(f"kernel BTF has no {name}")
-
-    def _resolve(self, type_id: int) -> int:
-        """Skip typedefs and qualifiers."""
-        while True:
-            _, kind, _, _, target = self._head(type_id)
-            if kind not in _KIND_MODIFIERS:
-                return type_id
-            type_id = target
-
-    def _members(self, type_id: int) -> list[tuple[str, _Member]]:
-        _, kind, vlen, kind_flag, _ = self._head(type_id)
-        if kind not in (_KIND_STRUCT, _KIND_UNION):
-            return []
-        base = self._offsets[type_id] + 12
-        members = []
-        for index in range(vlen):
-            name_off, member_type, offset = struct.unpack_from(
-                "<III", self._types, base + 12 * index
-            )
-            bits = (offset & 0xFFFFFF, offset >> 24) if kind_flag else (offset, 0)
-            members.append((self._string(name_off), _Member(bits[0], bits[1], member_type)))
-        return members
-
-    def member(self, type_id: int, name: str) -> _Member:
-        """A member of a struct or union, looking inside anonymous members too."""
-        for member_name, member in self._members(self._resolve(type_id)):
-            if member_name == name:
-                return member
-            if not member_name:
-                with contextlib.suppress(LayoutError):
-                    inner = self.member(member.type_id, name)
-                    return _Member(
-                        member.bit_offset + inner.bit_offset, inner.bit_size, inner.type_id
-                    )
-        raise LayoutError(f"kernel BTF: no member {name} in {self._string(self._head(type_id)[0])}")
-
-    def field(self, struct_name: str, path: str) -> _Member:
-        """`field("net_device", "nd_net.net")`: the member with its offset from the struct start."""
-        type_id = self.find(_KIND_STRUCT, struct_name)
-        bit_offset, found = 0, _Member(0, 0, type_id)
-        for name in path.split("."):
-            found = self.member(found.type_id, name)
-            bit_offset += found.bit_offset
-        return _Member(bit_offset, found.bit_size, found.type_id)
 
 
 @dataclass(frozen=True)
@@ -249,32 +144,35 @@ class KernelLayout:
         return [f"-D{name}={value}" for name, value in defines.items()]
 
 
-def _byte_offset(btf: Btf, struct_name: str, path: str) -> int:
-    member = btf.field(struct_name, path)
-    if member.bit_size or member.bit_offset % 8:
-        raise LayoutError(f"kernel BTF: {struct_name}.{path} is a bitfield")
-    return member.bit_offset // 8
+def _layout(btf: Btf) -> KernelLayout:
+    at_ingress = btf.field("sk_buff", "tc_at_ingress")
+    if at_ingress.bit_size != 1:
+        raise BtfLookupError("BTF: sk_buff.tc_at_ingress is not a one-bit field")
+    return KernelLayout(
+        skb_dev=btf.byte_offset("sk_buff", "dev"),
+        skb_tc_flags=at_ingress.bit_offset // 8,
+        tc_at_ingress_mask=1 << (at_ingress.bit_offset % 8),  # little endian bit order
+        dev_ifindex=btf.byte_offset("net_device", "ifindex"),
+        dev_net=btf.byte_offset("net_device", "nd_net.net"),
+        net_inum=btf.byte_offset("net", "ns.inum"),
+        tp_prio=btf.byte_offset("tcf_proto", "prio"),
+        tp_chain=btf.byte_offset("tcf_proto", "chain"),
+        chain_index=btf.byte_offset("tcf_chain", "index"),
+        chain_block=btf.byte_offset("tcf_chain", "block"),
+        block_q=btf.byte_offset("tcf_block", "q"),
+        qdisc_handle=btf.byte_offset("Qdisc", "handle"),
+        classify_btf_id=btf.find(KIND_FUNC, CLASSIFY_FUNC),
+    )
 
 
 def layout_from_btf(btf: Btf) -> KernelLayout:
-    at_ingress = btf.field("sk_buff", "tc_at_ingress")
-    if at_ingress.bit_size != 1:
-        raise LayoutError("kernel BTF: sk_buff.tc_at_ingress is not a one-bit field")
-    return KernelLayout(
-        skb_dev=_byte_offset(btf, "sk_buff", "dev"),
-        skb_tc_flags=at_ingress.bit_offset // 8,
-        tc_at_ingress_mask=1 << (at_ingress.bit_offset % 8),  # little endian bit order
-        dev_ifindex=_byte_offset(btf, "net_device", "ifindex"),
-        dev_net=_byte_offset(btf, "net_device", "nd_net.net"),
-        net_inum=_byte_offset(btf, "net", "ns.inum"),
-        tp_prio=_byte_offset(btf, "tcf_proto", "prio"),
-        tp_chain=_byte_offset(btf, "tcf_proto", "chain"),
-        chain_index=_byte_offset(btf, "tcf_chain", "index"),
-        chain_block=_byte_offset(btf, "tcf_chain", "block"),
-        block_q=_byte_offset(btf, "tcf_block", "q"),
-        qdisc_handle=_byte_offset(btf, "Qdisc", "handle"),
-        classify_btf_id=btf.find(_KIND_FUNC, CLASSIFY_FUNC),
-    )
+    """The layout from the kernel's parsed BTF; LayoutError when a type or field is missing."""
+    try:
+        return _layout(btf)
+    except BtfLookupError as exc:
+        raise LayoutError(f"kernel {exc}") from exc
+    except ValueError as exc:
+        raise LayoutError(f"kernel BTF is malformed ({exc})") from exc
 
 
 @functools.cache
@@ -284,168 +182,25 @@ def kernel_layout(path: Path = VMLINUX_BTF) -> KernelLayout:
         data = path.read_bytes()
     except OSError as exc:
         raise LayoutError(f"no kernel BTF at {path} ({exc.strerror})") from exc
-    return layout_from_btf(Btf(data))
+    try:
+        btf = Btf(data)
+    except ValueError as exc:
+        raise LayoutError(f"kernel BTF at {path} is malformed ({exc})") from exc
+    return layout_from_btf(btf)
 
 
 # --- bpf(2): tracing programs (fexit) and their links ----------------------------------------
-
-_BPF_PROG_LOAD = 5
-_BPF_OBJ_GET_INFO_BY_FD = 15
-_BPF_LINK_CREATE = 28
-BPF_PROG_TYPE_TRACING = 26
-BPF_TRACE_FEXIT = 25
-_OBJ_NAME_LEN = 16
-_u32, _u64 = ctypes.c_uint32, ctypes.c_uint64
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
-_syscall.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_ulong)
-_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, -1)
-
-
-class _TracingLoadAttr(ctypes.Structure):
-    """union bpf_attr's prog-load member, up to attach_prog_fd."""
-
-    _fields_ = (
-        ("prog_type", _u32),
-        ("insn_cnt", _u32),
-        ("insns", _u64),
-        ("license", _u64),
-        ("log_level", _u32),
-        ("log_size", _u32),
-        ("log_buf", _u64),
-        ("kern_version", _u32),
-        ("prog_flags", _u32),
-        ("prog_name", ctypes.c_char * _OBJ_NAME_LEN),
-        ("prog_ifindex", _u32),
-        ("expected_attach_type", _u32),
-        ("prog_btf_fd", _u32),
-        ("func_info_rec_size", _u32),
-        ("func_info", _u64),
-        ("func_info_cnt", _u32),
-        ("line_info_rec_size", _u32),
-        ("line_info", _u64),
-        ("line_info_cnt", _u32),
-        ("attach_btf_id", _u32),
-        ("attach_prog_fd", _u32),
-    )
-
-
-class _TracingLinkAttr(ctypes.Structure):
-    """union bpf_attr's link-create member for a tracing program (target set at load)."""
-
-    _fields_ = (
-        ("prog_fd", _u32),
-        ("target_fd", _u32),
-        ("attach_type", _u32),
-        ("flags", _u32),
-        ("target_btf_id", _u32),
-        ("pad", _u32),
-        ("cookie", _u64),
-    )
-
-
-class _ProgInfoHead(ctypes.Structure):
-    """struct bpf_prog_info up to nr_func_info (the kernel fills what fits)."""
-
-    _fields_ = (
-        ("type", _u32),
-        ("id", _u32),
-        ("tag", ctypes.c_uint8 * 8),
-        ("jited_prog_len", _u32),
-        ("xlated_prog_len", _u32),
-        ("jited_prog_insns", _u64),
-        ("xlated_prog_insns", _u64),
-        ("load_time", _u64),
-        ("created_by_uid", _u32),
-        ("nr_map_ids", _u32),
-        ("map_ids", _u64),
-        ("name", ctypes.c_char * _OBJ_NAME_LEN),
-        ("ifindex", _u32),
-        ("gpl_compatible", _u32),
-        ("netns_dev", _u64),
-        ("netns_ino", _u64),
-        ("nr_jited_ksyms", _u32),
-        ("nr_jited_func_lens", _u32),
-        ("jited_ksyms", _u64),
-        ("jited_func_lens", _u64),
-        ("btf_id", _u32),
-        ("func_info_rec_size", _u32),
-        ("func_info", _u64),
-        ("nr_func_info", _u32),
-    )
-
-
-class _InfoAttr(ctypes.Structure):
-    _fields_ = (("bpf_fd", _u32), ("info_len", _u32), ("info", _u64))
-
-
-def _bpf(cmd: int, name: str, attr: ctypes.Structure, detail: str = "") -> int:
-    ret = _syscall(_NR_BPF, cmd, ctypes.addressof(attr), ctypes.sizeof(attr))
-    if ret < 0:
-        raise BpfError(name, ctypes.get_errno(), detail)
-    return ret
-
-
-def _log_text(log: ctypes.Array) -> str:
-    lines = log.value.decode("utf-8", "replace").strip().splitlines()
-    return " | ".join(lines[-6:])
 
 
 def load_fexit(insns: bytes, name: str, attach_btf_id: int, attach_prog_fd: int = 0) -> int:
     """Load a BPF_TRACE_FEXIT program on a kernel function (attach_prog_fd 0, attach_btf_id in
     vmlinux BTF) or on a BPF program (its fd, and its function's id in the program's BTF)."""
-    insns_buf = ctypes.create_string_buffer(insns, len(insns))
-    license_buf = ctypes.create_string_buffer(b"GPL")
-    log = ctypes.create_string_buffer(1 << 16)
-    attr = _TracingLoadAttr(
-        prog_type=BPF_PROG_TYPE_TRACING,
-        insn_cnt=len(insns) // 8,
-        insns=ctypes.addressof(insns_buf),
-        license=ctypes.addressof(license_buf),
-        log_level=1,
-        log_size=len(log),
-        log_buf=ctypes.addressof(log),
-        prog_name=name.encode()[: _OBJ_NAME_LEN - 1],
-        expected_attach_type=BPF_TRACE_FEXIT,
-        attach_btf_id=attach_btf_id,
-        attach_prog_fd=attach_prog_fd,
-    )
-    ret = _syscall(_NR_BPF, _BPF_PROG_LOAD, ctypes.addressof(attr), ctypes.sizeof(attr))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise BpfError("BPF_PROG_LOAD", err, _log_text(log) or "empty verifier log")
-    return ret
+    return bpf_syscalls.prog_load_tracing(insns, name, attach_btf_id, attach_prog_fd)
 
 
 def attach_tracing(prog_fd: int) -> int:
     """Attach a loaded fexit program where its load said; returns the link fd."""
-    attr = _TracingLinkAttr(prog_fd=prog_fd, attach_type=BPF_TRACE_FEXIT)
-    return _bpf(_BPF_LINK_CREATE, "BPF_LINK_CREATE", attr)
-
-
-def _prog_info(prog_fd: int, info: _ProgInfoHead) -> None:
-    attr = _InfoAttr(prog_fd, ctypes.sizeof(info), ctypes.addressof(info))
-    _bpf(_BPF_OBJ_GET_INFO_BY_FD, "BPF_OBJ_GET_INFO_BY_FD", attr)
-
-
-def main_func_btf_id(prog_fd: int) -> int:
-    """The BTF type id of a program's main function (what fexit on it attaches to)."""
-    head = _ProgInfoHead()
-    _prog_info(prog_fd, head)
-    if not head.btf_id or not head.nr_func_info:
-        raise BpfError("BPF_OBJ_GET_INFO_BY_FD", errno.ENOENT, f"program {head.id} has no BTF")
-    count, rec_size = head.nr_func_info, head.func_info_rec_size
-    records = ctypes.create_string_buffer(count * rec_size)
-    info = _ProgInfoHead(
-        nr_func_info=count, func_info_rec_size=rec_size, func_info=ctypes.addressof(records)
-    )
-    _prog_info(prog_fd, info)
-    for index in range(count):
-        insn_off, type_id = struct.unpack_from("<II", records.raw, index * rec_size)
-        if insn_off == 0:
-            return type_id
-    raise BpfError("BPF_OBJ_GET_INFO_BY_FD", errno.ENOENT, f"program {head.id}: no main function")
+    return bpf_syscalls.tracing_attach(prog_fd, BPF_TRACE_FEXIT)
 
 
 def with_target_id(insns: bytes, prog_id: int) -> bytes:
