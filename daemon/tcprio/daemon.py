@@ -30,7 +30,8 @@ from tcprio.metrics import registry_for
 from tcprio.model import DatadogSettings, NamespaceInventory, NetNamespace, TcFilter
 from tcprio.namespaces import NAMED_NETNS_DIRS, NamespaceGone, discover_namespaces
 from tcprio.scan import ProgramCache, analyse_node, inventory_errors
-from tcprio.snapshot import Counters, ProbeState, RunStats, Snapshot
+from tcprio.semantics import action_name
+from tcprio.snapshot import Counters, LiveKey, ProbeState, RunStats, Snapshot
 from tcprio.starvation import starved_hooks
 from tcprio.tc_inventory import read_namespace
 from tcprio.watch import NamespaceWatch, NetnsFolderWatch, ProcessExitWatch, TcEvent
@@ -98,6 +99,7 @@ class Daemon:
         self.run_history: list[tuple[float, dict[int, RunStats]]] = []
         self.probe = ProbeState(False, "none", "live probe not started")
         self.stats_fd: int | None = None
+        self.live_probe = None  # a tcprio.live_probe.LiveProbe when the kernel lets it attach
         self.endpoint: Endpoint | None = None
         self.folder_watch: NetnsFolderWatch | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -129,14 +131,43 @@ class Daemon:
             self.probe = ProbeState(False, "none", "disabled in the configuration")
             return
         try:
-            from tcprio.live_probe import probe_support
+            from tcprio.live_probe import LiveProbe
 
-            status = probe_support()
-            self.probe = ProbeState(status.available, status.mode, status.reason)
+            probe = LiveProbe()
+            status = probe.start()
+            self.probe = ProbeState(status.available, str(status.mode), status.reason)
+            if status.available:
+                self.live_probe = probe
+            else:
+                probe.close()
         except Exception as exc:  # the probe is evidence, never a reason to stop
             self.probe = ProbeState(False, "none", f"live probe failed: {exc}")
         if not self.probe.available:
             self.log("warning", "live verdict probe unavailable", reason=self.probe.reason)
+
+    def _live_verdicts(self) -> dict[LiveKey, int]:
+        """The probe's counts, labelled with the names of namespaces and interfaces."""
+        if self.live_probe is None:
+            return {}
+        namespaces = {key[1]: key for key in self.inventories}
+        counts: dict[LiveKey, int] = {}
+        for key, n in self.live_probe.counts().items():
+            ns_key = namespaces.get(key.netns_inode)
+            inventory = self.inventories.get(ns_key) if ns_key else None
+            if inventory is None:
+                continue
+            ifname = next((i.name for i in inventory.interfaces if i.ifindex == key.ifindex), None)
+            if ifname is None:
+                continue
+            label = (
+                inventory.namespace.name,
+                ifname,
+                str(key.direction or ""),
+                "" if key.priority is None else str(key.priority),
+                action_name(key.retval),
+            )
+            counts[label] = counts.get(label, 0) + n  # fmt: skip
+        return counts
 
     def _start_endpoint(self) -> None:
         registry = registry_for(lambda: self.snapshot)
@@ -183,6 +214,8 @@ class Daemon:
             self.folder_watch.close()
         if self.stats_fd is not None:
             os.close(self.stats_fd)
+        if self.live_probe is not None:
+            self.live_probe.close()
         signal.set_wakeup_fd(-1)
         self.selector.close()
         os.close(self._wake_r)
@@ -476,6 +509,7 @@ class Daemon:
                 **prev.__dict__,
                 "run_stats": stats,
                 "starved": starved_hooks(prev.result, self.run_history),
+                "live_verdicts": self._live_verdicts(),
             }
         )
 

@@ -187,6 +187,14 @@ def run_metrics(snap: Snapshot) -> Iterator[Metric]:
     for ns, iface, direction in sorted(snap.starved):
         starved.add_metric([ns, iface, direction], 1)
     yield starved
+    live = CounterMetricFamily(
+        f"{PREFIX}_live_verdicts",
+        "Verdicts of cls_bpf classifiers on real traffic, counted by the live probe",
+        labels=["namespace", "interface", "direction", "priority", "verdict"],
+    )
+    for labels, n in sorted(snap.live_verdicts.items()):
+        live.add_metric(list(labels), n)
+    yield live
 
 
 def daemon_metrics(snap: Snapshot) -> Iterator[Metric]:

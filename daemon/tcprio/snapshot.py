@@ -16,6 +16,7 @@ from tcprio.model import DatadogSettings, ProgramInfo, ScanResult
 
 ChangeKey = tuple[str, str, str, int, str]  # namespace, interface, direction, priority, change
 HookKey = tuple[str, str, str]  # namespace, interface, direction
+LiveKey = tuple[str, str, str, str, str]  # namespace, interface, direction, priority, verdict
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Snapshot:
     counters: Counters
     run_stats: Mapping[int, RunStats] = field(default_factory=dict)
     starved: frozenset[HookKey] = frozenset()
+    live_verdicts: Mapping[LiveKey, int] = field(default_factory=dict)
     probe: ProbeState = ProbeState(False, "none", "not started")
     config_ok: bool = True
     kernel: str = ""
