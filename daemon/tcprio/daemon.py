@@ -414,7 +414,16 @@ class Daemon:
                 self.log("warning" if change.kind != "replace" else "info", change.kind,
                          **change.as_log())  # fmt: skip
         self._forget_vanished_interfaces(watched.namespace.name, old, inventory)
+        self._start_disappearance_counters(watched.namespace.name, inventory)
         self.inventories[key] = inventory
+
+    def _start_disappearance_counters(self, namespace: str, inventory: NamespaceInventory) -> None:
+        """A hook with a Datadog classifier gets its counter at 0, so increase() sees a 1."""
+        for interface in inventory.interfaces:
+            for hook in interface.hooks:
+                if any(self._is_datadog(f) for f in hook.filters):
+                    key = (namespace, interface.name, str(hook.direction))
+                    self.counters.disappearances.setdefault(key, 0)
 
     def _count_events(
         self, watched: Watched, new: NamespaceInventory, old: NamespaceInventory | None
