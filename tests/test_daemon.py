@@ -268,6 +268,24 @@ def test_the_daemon_does_not_keep_a_deleted_namespace_alive(running: RunningDaem
             time.sleep(0.05)
 
 
+def test_namespaces_coming_and_going_leak_no_fd_or_thread(running: RunningDaemon):
+    def fds() -> int:
+        return len(os.listdir(f"/proc/{running.proc.pid}/fd"))
+
+    def threads() -> int:
+        return len(os.listdir(f"/proc/{running.proc.pid}/task"))
+
+    running.wait_for("an idle start", lambda s: find(s, "tcprio_namespaces_watched") == [0.0])
+    before = (fds(), threads())
+    for _ in range(5):
+        with netns("d-leak") as ns:
+            veth_in_one(ns, "q0", "q1")
+            running.wait_for("watched", lambda s: find(s, "tcprio_namespaces_watched") == [1.0])
+        running.wait_for("dropped", lambda s: find(s, "tcprio_namespaces_watched") == [0.0])
+    time.sleep(0.3)  # the HTTP threads of the polling above finish
+    assert (fds(), threads()) == before
+
+
 def test_sighup_reloads_good_config_and_keeps_the_last_good_one(running: RunningDaemon):
     write_config(running.config, running.port, log_level="debug")
     running.proc.send_signal(signal.SIGHUP)
