@@ -14,8 +14,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 debian_packages=(iproute2 bpftool python3-bpfcc linux-headers-amd64 python3-venv procps util-linux)
-# The tests also run a real Prometheus (and promtool) on loopback.
-[ "$profile" = dev ] && debian_packages+=(prometheus)
+# The tests also run a real Prometheus (and promtool) on loopback, and systemd-analyze.
+[ "$profile" = dev ] && debian_packages+=(prometheus systemd)
 missing=()
 for pkg in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
