@@ -251,6 +251,23 @@ def test_run_counts_move_with_real_traffic(running: RunningDaemon, classifier_pr
         )
 
 
+def test_starvation_is_reported_from_run_counters_on_real_traffic(running: RunningDaemon):
+    with netns("d-stx") as tx, netns("d-srx") as rx:
+        veth(tx, "a0", rx, "b0")
+        tx.ip("addr", "add", "169.254.213.1/30", "dev", "a0")
+        rx.ip("addr", "add", "169.254.213.2/30", "dev", "b0")
+        add_clsact(tx, "a0")
+        attach_filter(tx, "a0", E, 1, "term_ok")
+        attach_filter(tx, "a0", E, 10, "classifier_egress")
+        where = hook_labels(tx, "a0", E)
+        running.wait_for("the conflict", lambda s: bool(find(s, "tcprio_conflict", **where)))
+        deadline = time.monotonic() + 15
+        while not find(running.metrics(), "tcprio_datadog_starved", **where):
+            assert time.monotonic() < deadline, "starvation never reported"
+            assert send_udp(tx, rx, 10) == 10
+            time.sleep(0.3)
+
+
 def test_the_daemon_does_not_keep_a_deleted_namespace_alive(running: RunningDaemon):
     """Our netlink socket pins its namespace: it must be closed once the namespace is gone."""
     with netns("d-keep") as keep:

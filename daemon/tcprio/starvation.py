@@ -24,14 +24,21 @@ def _attachments(result: ScanResult) -> Counter[int]:
 
 
 def _runs(samples: Samples, prog_id: int) -> int | None:
-    first, last = samples[0][1].get(prog_id), samples[-1][1].get(prog_id)
-    if first is None or last is None:
+    """Runs over the window: from the oldest sample that knows the program to the newest.
+
+    None when the program has not been sampled over at least MIN_WINDOW_S yet."""
+    last_time, last = samples[-1][0], samples[-1][1].get(prog_id)
+    if last is None:
         return None
-    return last.run_cnt - first.run_cnt
+    for taken, stats in samples:
+        first = stats.get(prog_id)
+        if first is not None:
+            return last.run_cnt - first.run_cnt if last_time - taken >= MIN_WINDOW_S else None
+    return None
 
 
 def starved_hooks(result: ScanResult, samples: Samples) -> frozenset[HookKey]:
-    if len(samples) < 2 or samples[-1][0] - samples[0][0] < MIN_WINDOW_S:
+    if len(samples) < 2:
         return frozenset()
     attached = _attachments(result)
     starved = set()
