@@ -1,7 +1,8 @@
 """The daemon against the real kernel: changes show in /metrics, counters count, series go away.
 
-The daemon runs as a subprocess on loopback, watching only this test's namespaces (its config
-includes `tcpriot-d*` names only), while the test adds, replaces and deletes classifiers.
+The daemon runs as a subprocess on loopback, watching only this test process's namespaces
+(its config includes `tcpriot-d*<pid>-*` names only), while the test adds, replaces and
+deletes classifiers.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ tcx_poll_interval_seconds: 0.2
 debounce_seconds: 0.02
 resync_interval_seconds: 30
 namespaces:
-  include: ["tcpriot-d*"]
+  include: ["tcpriot-d*{pid}-*"]
 datadog:
   config_files: []
   scan_processes: false
@@ -98,7 +99,9 @@ def find(samples: Samples, name: str, **labels: str) -> list[float]:
 
 
 def write_config(path: Path, port: int, live_probe: str = "false", log_level: str = "info"):
-    path.write_text(CONFIG.format(port=port, live_probe=live_probe, log_level=log_level))
+    # only this test process's namespaces: another run on the machine must not leak in
+    text = CONFIG.format(port=port, live_probe=live_probe, log_level=log_level, pid=os.getpid())
+    path.write_text(text)
 
 
 @contextlib.contextmanager
