@@ -289,21 +289,31 @@ def test_the_daemon_does_not_keep_a_deleted_namespace_alive(running: RunningDaem
 
 
 def test_namespaces_coming_and_going_leak_no_fd_or_thread(running: RunningDaemon):
-    def fds() -> int:
-        return len(os.listdir(f"/proc/{running.proc.pid}/fd"))
+    def usage() -> tuple[int, int]:
+        pid = running.proc.pid
+        return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
 
-    def threads() -> int:
-        return len(os.listdir(f"/proc/{running.proc.pid}/task"))
+    def settled() -> tuple[int, int]:
+        """fds and threads once the HTTP threads of our own polling have finished."""
+        time.sleep(0.5)
+        deadline = time.monotonic() + 5
+        last = usage()
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            now = usage()
+            if now == last:
+                return now
+            last = now
+        return last
 
     running.wait_for("an idle start", lambda s: find(s, "tcprio_namespaces_watched") == [0.0])
-    before = (fds(), threads())
+    before = settled()
     for _ in range(5):
         with netns("d-leak") as ns:
             veth_in_one(ns, "q0", "q1")
             running.wait_for("watched", lambda s: find(s, "tcprio_namespaces_watched") == [1.0])
         running.wait_for("dropped", lambda s: find(s, "tcprio_namespaces_watched") == [0.0])
-    time.sleep(0.3)  # the HTTP threads of the polling above finish
-    assert (fds(), threads()) == before
+    assert settled() == before
 
 
 def test_sighup_reloads_good_config_and_keeps_the_last_good_one(running: RunningDaemon):
