@@ -27,18 +27,37 @@ from tcprio.config import ConfigError, DaemonConfig, load_config, with_overrides
 from tcprio.datadog_config import resolve_settings
 from tcprio.endpoint import Endpoint
 from tcprio.metrics import registry_for
-from tcprio.model import DatadogSettings, NamespaceInventory, NetNamespace, TcFilter
+from tcprio.model import DatadogSettings, Direction, NamespaceInventory, NetNamespace, TcFilter
 from tcprio.namespaces import NAMED_NETNS_DIRS, NamespaceGone, discover_namespaces
 from tcprio.scan import ProgramCache, analyse_node, inventory_errors
 from tcprio.semantics import action_name
 from tcprio.snapshot import Counters, LiveKey, ProbeState, RunStats, Snapshot
 from tcprio.starvation import starved_hooks
-from tcprio.tc_inventory import read_namespace
+from tcprio.tc_inventory import read_namespace, refresh_hooks
 from tcprio.watch import NamespaceWatch, NetnsFolderWatch, ProcessExitWatch, TcEvent
 
 NsKey = tuple[int, int]
 STALL_AFTER_S = 30.0
 DIRECTION_BY_PARENT = {0xFFFFFFF2: "ingress", 0xFFFFFFF3: "egress", 0xFFFF0000: "ingress"}
+
+
+def hooks_to_refresh(
+    events: list[TcEvent], old: NamespaceInventory | None
+) -> dict[int, set[Direction]] | None:
+    """The hooks filter events touched, or None when the whole namespace must be read again
+    (links, qdiscs or chains changed, notifications were lost, or the dirt has another cause)."""
+    if old is None or not events:
+        return None
+    known = {i.ifindex for i in old.interfaces}
+    targets: dict[int, set[Direction]] = {}
+    for event in events:
+        direction = DIRECTION_BY_PARENT.get(event.parent)
+        if not event.kind.startswith("filter") or direction is None:
+            return None
+        if event.ifindex not in known:
+            return None
+        targets.setdefault(event.ifindex, set()).add(Direction(direction))
+    return targets
 
 
 class Log:
@@ -90,6 +109,7 @@ class Daemon:
         self.datadog: DatadogSettings | None = None
         self.snapshot = Snapshot.empty(self.kernel)
         self.dirty: set[NsKey] = set()
+        self.full_reads: set[NsKey] = set()  # dirty namespaces to read whole, not hook by hook
         self.dirty_since: float | None = None
         self.heartbeat = time.monotonic()
         self.stop_requested = False
@@ -275,7 +295,7 @@ class Daemon:
                      error=str(exc))  # fmt: skip
             events = [TcEvent("overrun")]
         if events:
-            watched.pending.extend(e for e in events if e.kind.startswith("filter"))
+            watched.pending.extend(events)
             self._mark_dirty(key)
 
     def _on_process_exit(self, key: NsKey) -> None:
@@ -330,6 +350,7 @@ class Daemon:
             watched.exit_watch.close()
         self.inventories.pop(key, None)
         self.dirty.discard(key)
+        self.full_reads.discard(key)
         self.counters.forget(watched.namespace.name)
         self.log("debug", "namespace gone", namespace=watched.namespace.name)
 
@@ -369,6 +390,7 @@ class Daemon:
     def full_resync(self) -> None:
         self.sweep()
         self.dirty.update(self.watched)
+        self.full_reads.update(self.watched)
         self._refresh_datadog()
         self.flush(kind="full")
 
@@ -400,13 +422,19 @@ class Daemon:
         watched = self.watched.get(key)
         if watched is None:
             return
-        inventory = read_namespace(watched.namespace)
+        old = self.inventories.get(key)
+        full = key in self.full_reads
+        self.full_reads.discard(key)
+        targets = None if full else hooks_to_refresh(watched.pending, old)
+        if old is not None and targets is not None:
+            inventory = refresh_hooks(old, targets)
+        else:
+            inventory = read_namespace(watched.namespace)
         if inventory is None:  # vanished between the event and now
             self._unwatch(key)
             return
         if inventory.error:
             self.counters.scan_errors["enumerate"] += 1
-        old = self.inventories.get(key)
         self._count_events(watched, inventory, old)
         for change in diff_inventories(old, inventory, self._is_datadog) if old else ():
             if change.kind in ("replace", "datadog-disappeared"):
@@ -430,6 +458,8 @@ class Daemon:
     ) -> None:
         names = {i.ifindex: i.name for inv in (old, new) if inv for i in inv.interfaces}
         for event in watched.pending:
+            if not event.kind.startswith("filter"):
+                continue
             direction = DIRECTION_BY_PARENT.get(event.parent)
             ifname = names.get(event.ifindex)
             if direction is None or ifname is None:
@@ -501,6 +531,7 @@ class Daemon:
         if links != self.link_ids:
             self.link_ids = links
             self.dirty.update(self.watched)
+            self.full_reads.update(self.watched)
             self.dirty_since = self.dirty_since or time.monotonic()
         self._refresh_run_stats()
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -224,3 +225,38 @@ def read_namespace(ns: NetNamespace) -> NamespaceInventory | None:
         if isinstance(exc, NetlinkError) and exc.code in (errno.ENODEV, errno.ENOENT):
             return None
         return NamespaceInventory(namespace=ns, interfaces=(), error=f"{type(exc).__name__}: {exc}")
+
+
+Targets = Mapping[int, set[Direction]]  # ifindex -> the hooks to read again
+
+
+def _interface_qdisc(interface: Interface) -> str | None:
+    """The interface's clsact / ingress qdisc kind, as its ingress hook recorded it."""
+    return next((h.qdisc for h in interface.hooks if h.direction is Direction.INGRESS), None)
+
+
+def _refreshed(ipr: IPRoute, interface: Interface, directions: set[Direction]) -> Interface:
+    qdisc = _interface_qdisc(interface)
+    hooks = tuple(
+        _read_hook(ipr, interface.ifindex, qdisc, h.direction) if h.direction in directions else h
+        for h in interface.hooks
+    )
+    return replace(interface, hooks=hooks)
+
+
+def refresh_hooks(old: NamespaceInventory, targets: Targets) -> NamespaceInventory | None:
+    """`old` with only the hooks in `targets` read again (filter churn on a busy namespace).
+
+    The qdiscs and the interface list are taken from `old`: the caller reads the whole
+    namespace again when a link, a qdisc or an unknown interface changed. None when the
+    namespace vanished.
+    """
+    try:
+        with entered(old.namespace), rtnl_socket() as ipr:
+            interfaces = tuple(
+                _refreshed(ipr, i, targets[i.ifindex]) if i.ifindex in targets else i
+                for i in old.interfaces
+            )
+    except NamespaceGone:
+        return None
+    return replace(old, interfaces=interfaces)
