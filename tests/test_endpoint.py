@@ -16,7 +16,7 @@ import pytest
 
 from tcprio.config import BasicAuth, DaemonConfig, TlsConfig
 from tcprio.endpoint import Endpoint
-from tcprio.metrics import registry_for
+from tcprio.metrics import MetricsRenderer
 from tcprio.snapshot import Snapshot
 
 SNAPSHOT = replace(Snapshot.empty("test-kernel"), ready=True)
@@ -29,7 +29,7 @@ def serve() -> Iterator:
     def start(config: DaemonConfig, ready: bool = True, healthy: bool = True) -> Endpoint:
         endpoint = Endpoint(
             replace(config, listen_host="127.0.0.1", listen_port=0),
-            registry_for(lambda: SNAPSHOT),
+            MetricsRenderer(lambda: SNAPSHOT),
             lambda: ready,
             lambda: healthy,
         )

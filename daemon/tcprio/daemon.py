@@ -26,7 +26,7 @@ from tcprio.churn import diff_inventories
 from tcprio.config import ConfigError, DaemonConfig, load_config, with_overrides
 from tcprio.datadog_config import resolve_settings
 from tcprio.endpoint import Endpoint
-from tcprio.metrics import registry_for
+from tcprio.metrics import MetricsRenderer
 from tcprio.model import DatadogSettings, Direction, NamespaceInventory, NetNamespace, TcFilter
 from tcprio.namespaces import NAMED_NETNS_DIRS, NamespaceGone, discover_namespaces
 from tcprio.scan import ProgramCache, analyse_node, inventory_errors
@@ -190,8 +190,8 @@ class Daemon:
         return counts
 
     def _start_endpoint(self) -> None:
-        registry = registry_for(lambda: self.snapshot)
-        self.endpoint = Endpoint(self.config, registry, lambda: self.snapshot.ready, self.healthy)
+        render = MetricsRenderer(lambda: self.snapshot)
+        self.endpoint = Endpoint(self.config, render, lambda: self.snapshot.ready, self.healthy)
         self.endpoint.start()
         self.log("info", "serving metrics", address=self.config.listen_address)
 
@@ -520,6 +520,7 @@ class Daemon:
             probe=self.probe,
             config_ok=self.config_ok,
             kernel=self.kernel,
+            generation=prev.generation + 1,
         )
 
     def poll_links_and_stats(self) -> None:
@@ -587,7 +588,12 @@ class Daemon:
     def _republish(self) -> None:
         prev = self.snapshot
         self.snapshot = Snapshot(
-            **{**prev.__dict__, "counters": self.counters.frozen(), "config_ok": self.config_ok}
+            **{
+                **prev.__dict__,
+                "counters": self.counters.frozen(),
+                "config_ok": self.config_ok,
+                "generation": prev.generation + 1,
+            }
         )
 
 

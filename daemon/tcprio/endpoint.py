@@ -15,8 +15,7 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.registry import CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from tcprio.config import BasicAuth, DaemonConfig
 
@@ -51,7 +50,7 @@ def _authorized(header: str | None, auth: BasicAuth) -> bool:
 
 
 def make_handler(
-    registry: CollectorRegistry,
+    render: Callable[[], bytes],
     is_ready: Callable[[], bool],
     is_healthy: Callable[[], bool],
     auth: BasicAuth | None,
@@ -84,7 +83,7 @@ def make_handler(
                 return
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                self._send(200, render(), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 ok = is_healthy()
                 self._send(200 if ok else 503, b"ok\n" if ok else b"event loop stalled\n")
@@ -113,11 +112,11 @@ class Endpoint:
     def __init__(
         self,
         config: DaemonConfig,
-        registry: CollectorRegistry,
+        render: Callable[[], bytes],
         is_ready: Callable[[], bool],
         is_healthy: Callable[[], bool],
     ) -> None:
-        handler = make_handler(registry, is_ready, is_healthy, config.basic_auth)
+        handler = make_handler(render, is_ready, is_healthy, config.basic_auth)
         self._server = _Server((config.listen_host, config.listen_port), handler,
                                _family(config.listen_host))  # fmt: skip
         if config.tls is not None:

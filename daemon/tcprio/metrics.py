@@ -6,8 +6,10 @@ holds, so the series of vanished namespaces and interfaces disappear by themselv
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 
+from prometheus_client import generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -247,20 +249,46 @@ def daemon_metrics(snap: Snapshot) -> Iterator[Metric]:
     yield reloads
 
 
+# Families that change only when the daemon publishes a new analysis, and those that move
+# with every poll of the run counters: the first are rendered once per analysis.
+ANALYSIS_FAMILIES = (
+    daemon_metrics, classifier_metrics, conflict_metrics, datadog_metrics, churn_metrics,
+)  # fmt: skip
+LIVE_FAMILIES = (run_metrics,)
+
+
 class SnapshotCollector(Collector):
-    def __init__(self, latest: Callable[[], Snapshot]) -> None:
+    def __init__(self, latest: Callable[[], Snapshot], families=ANALYSIS_FAMILIES + LIVE_FAMILIES):
         self._latest = latest
+        self._families = families
 
     def collect(self) -> Iterator[Metric]:
         snap = self._latest()  # read once: every family below comes from the same state
-        for family in (
-            daemon_metrics, classifier_metrics, conflict_metrics, datadog_metrics,
-            churn_metrics, run_metrics,
-        ):  # fmt: skip
+        for family in self._families:
             yield from family(snap)
 
 
-def registry_for(latest: Callable[[], Snapshot]) -> CollectorRegistry:
+def registry_for(latest: Callable[[], Snapshot], families=ANALYSIS_FAMILIES + LIVE_FAMILIES):
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(latest))
+    registry.register(SnapshotCollector(latest, families))
     return registry
+
+
+class MetricsRenderer:
+    """The /metrics body. The analysis part is rendered once per published analysis (a node
+    with hundreds of pods has thousands of series); only the run counters are rendered per
+    scrape. Both parts come from one snapshot."""
+
+    def __init__(self, latest: Callable[[], Snapshot]) -> None:
+        self._latest = latest
+        self._lock = threading.Lock()
+        self._cached: tuple[int, bytes] | None = None
+
+    def __call__(self) -> bytes:
+        snap = self._latest()
+        with self._lock:
+            if self._cached is None or self._cached[0] != snap.generation:
+                text = generate_latest(registry_for(lambda: snap, ANALYSIS_FAMILIES))
+                self._cached = (snap.generation, text)
+            analysis = self._cached[1]
+        return analysis + generate_latest(registry_for(lambda: snap, LIVE_FAMILIES))

@@ -90,6 +90,7 @@ class Snapshot:
     probe: ProbeState = ProbeState(False, "none", "not started")
     config_ok: bool = True
     kernel: str = ""
+    generation: int = 0  # bumped with each published analysis; run-counter polls keep it
 
     @staticmethod
     def empty(kernel: str = "") -> Snapshot:
