@@ -9,7 +9,9 @@ the debounce, the tcx / run-stats poll, the /proc sweep, the full resync and the
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fnmatch
+import gc
 import json
 import os
 import platform
@@ -39,6 +41,13 @@ from tcprio.watch import NamespaceWatch, NetnsFolderWatch, ProcessExitWatch, TcE
 NsKey = tuple[int, int]
 STALL_AFTER_S = 30.0
 DIRECTION_BY_PARENT = {0xFFFFFFF2: "ingress", 0xFFFFFFF3: "egress", 0xFFFF0000: "ingress"}
+
+
+def release_memory() -> None:
+    """A full re-read parses thousands of netlink messages: hand the freed heap back."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def hooks_to_refresh(
@@ -502,6 +511,8 @@ class Daemon:
             self.log("warning", "namespace read error", detail=error)
         self.counters.scans[kind] += 1
         self._publish(node, time.monotonic() - started)
+        if kind == "full":
+            release_memory()
 
     def _publish(self, node, seconds: float) -> None:
         prev = self.snapshot
