@@ -39,6 +39,8 @@ def test_which_events_allow_a_partial_read(classifier_programs):
     s0 = next(i.ifindex for i in old.interfaces if i.name == "s0")
     filter_add = TcEvent("filter-add", ifindex=s0, parent=0xFFFFFFF3, priority=5, handle=1)
     assert hooks_to_refresh([filter_add], old) == {s0: {E}}
+    tcx_change = TcEvent("tcx-change", ifindex=s0, parent=0xFFFFFFF2)
+    assert hooks_to_refresh([filter_add, tcx_change], old) == {s0: {E, IN}}
     assert hooks_to_refresh([filter_add, TcEvent("link-add", ifindex=99)], old) is None
     assert hooks_to_refresh([TcEvent("overrun")], old) is None
     assert hooks_to_refresh([TcEvent("qdisc-add", ifindex=s0, parent=0xFFFFFFF1)], old) is None

@@ -41,6 +41,7 @@ from tcprio.watch import NamespaceWatch, NetnsFolderWatch, ProcessExitWatch, TcE
 NsKey = tuple[int, int]
 STALL_AFTER_S = 30.0
 DIRECTION_BY_PARENT = {0xFFFFFFF2: "ingress", 0xFFFFFFF3: "egress", 0xFFFF0000: "ingress"}
+TCX_PARENT = {bpf_syscalls.BPF_TCX_INGRESS: 0xFFFFFFF2, bpf_syscalls.BPF_TCX_EGRESS: 0xFFFFFFF3}
 
 
 def release_memory() -> None:
@@ -61,7 +62,8 @@ def hooks_to_refresh(
     targets: dict[int, set[Direction]] = {}
     for event in events:
         direction = DIRECTION_BY_PARENT.get(event.parent)
-        if not event.kind.startswith("filter") or direction is None:
+        touches_one_hook = event.kind.startswith("filter") or event.kind == "tcx-change"
+        if not touches_one_hook or direction is None:
             return None
         if event.ifindex not in known:
             return None
@@ -125,6 +127,7 @@ class Daemon:
         self.reload_requested = False
         self.config_ok = True
         self.link_ids: frozenset[int] = frozenset()
+        self.tcx_links: dict[int, tuple[int, int]] = {}  # link id -> (ifindex, parent)
         self.run_history: list[tuple[float, dict[int, RunStats]]] = []
         self.probe = ProbeState(False, "none", "live probe not started")
         self.stats_fd: int | None = None
@@ -535,17 +538,46 @@ class Daemon:
         )
 
     def poll_links_and_stats(self) -> None:
-        """tcx links send no netlink event: a change in the set of links triggers a re-read."""
+        """tcx links send no netlink event: new and removed links are polled instead."""
         try:
             links = frozenset(bpf_syscalls.list_link_ids())
         except OSError:
             links = self.link_ids
         if links != self.link_ids:
+            hooks = self._tcx_hooks_changed(links)
             self.link_ids = links
-            self.dirty.update(self.watched)
-            self.full_reads.update(self.watched)
-            self.dirty_since = self.dirty_since or time.monotonic()
+            self._mark_tcx_hooks(hooks)
         self._refresh_run_stats()
+
+    def _tcx_hooks_changed(self, links: frozenset[int]) -> set[tuple[int, int]]:
+        """(ifindex, parent) of the tcx links that appeared or went; other links don't matter."""
+        hooks = {
+            self.tcx_links.pop(link) for link in self.link_ids - links if link in self.tcx_links
+        }
+        for link in links - self.link_ids:
+            try:
+                info = bpf_syscalls.link_info(link)
+            except OSError:
+                continue
+            parent = TCX_PARENT.get(info.attach_type or 0)
+            if info.type == bpf_syscalls.BPF_LINK_TYPE_TCX and info.ifindex and parent:
+                self.tcx_links[link] = (info.ifindex, parent)
+                hooks.add((info.ifindex, parent))
+        return hooks
+
+    def _mark_tcx_hooks(self, hooks: set[tuple[int, int]]) -> None:
+        """A tcx link names its interface by index, not its namespace: every namespace with an
+        interface of that index reads that hook again."""
+        for key, inventory in self.inventories.items():
+            present = {i.ifindex for i in inventory.interfaces}
+            events = [
+                TcEvent("tcx-change", ifindex=ifindex, parent=parent)
+                for ifindex, parent in hooks
+                if ifindex in present
+            ]
+            if events and key in self.watched:
+                self.watched[key].pending.extend(events)
+                self._mark_dirty(key)
 
     def _refresh_run_stats(self) -> None:
         stats: dict[int, RunStats] = {}
