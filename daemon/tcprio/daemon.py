@@ -135,7 +135,9 @@ class Daemon:
         self.endpoint: Endpoint | None = None
         self.folder_watch: NetnsFolderWatch | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._timers = {"sweep": 0.0, "resync": 0.0, "poll": 0.0, "watchdog": 0.0}
+        # the watchdog timer only runs under systemd with WatchdogSec= (else it would spin)
+        watchdog = 0.0 if sd_notify.watchdog_interval() is not None else float("inf")
+        self._timers = {"sweep": 0.0, "resync": 0.0, "poll": 0.0, "watchdog": watchdog}
 
     # --- lifecycle ----------------------------------------------------------------------------
 
