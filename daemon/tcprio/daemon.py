@@ -165,8 +165,13 @@ class Daemon:
             self.probe = ProbeState(False, "none", "disabled in the configuration")
             return
         try:
-            from tcprio.live_probe import LiveProbe
+            from tcprio.live_probe import LiveProbe, probe_support
 
+            status = probe_support()  # cheap: no BCC compile (LLVM costs ~90 MB of RSS)
+            if not status.available:
+                self.probe = ProbeState(False, str(status.mode), status.reason)
+                self.log("warning", "live verdict probe unavailable", reason=status.reason)
+                return
             probe = LiveProbe()
             status = probe.start()
             self.probe = ProbeState(status.available, str(status.mode), status.reason)
