@@ -30,7 +30,7 @@ from tcprio.datadog_config import resolve_settings
 from tcprio.endpoint import Endpoint
 from tcprio.metrics import MetricsRenderer
 from tcprio.model import DatadogSettings, Direction, NamespaceInventory, NetNamespace, TcFilter
-from tcprio.namespaces import NAMED_NETNS_DIRS, NamespaceGone, discover_namespaces
+from tcprio.namespaces import NAMED_NETNS_DIRS, NamespaceGone, discover_namespaces, entered
 from tcprio.scan import ProgramCache, analyse_node, inventory_errors
 from tcprio.semantics import action_name
 from tcprio.snapshot import Counters, LiveKey, ProbeState, RunStats, Snapshot
@@ -551,16 +551,15 @@ class Daemon:
         except OSError:
             links = self.link_ids
         if links != self.link_ids:
-            hooks = self._tcx_hooks_changed(links)
+            changed = self._tcx_hooks_changed(links)
             self.link_ids = links
-            self._mark_tcx_hooks(hooks)
+            self._mark_tcx_hooks(changed)
         self._refresh_run_stats()
 
-    def _tcx_hooks_changed(self, links: frozenset[int]) -> set[tuple[int, int]]:
-        """(ifindex, parent) of the tcx links that appeared or went; other links don't matter."""
-        hooks = {
-            self.tcx_links.pop(link) for link in self.link_ids - links if link in self.tcx_links
-        }
+    def _tcx_hooks_changed(self, links: frozenset[int]) -> list[tuple[int, int, int]]:
+        """(link id, ifindex, parent) of the tcx links that appeared or went."""
+        changed = [(link, *self.tcx_links.pop(link)) for link in self.link_ids - links
+                   if link in self.tcx_links]  # fmt: skip
         for link in links - self.link_ids:
             try:
                 info = bpf_syscalls.link_info(link)
@@ -569,20 +568,32 @@ class Daemon:
             parent = TCX_PARENT.get(info.attach_type or 0)
             if info.type == bpf_syscalls.BPF_LINK_TYPE_TCX and info.ifindex and parent:
                 self.tcx_links[link] = (info.ifindex, parent)
-                hooks.add((info.ifindex, parent))
-        return hooks
+                changed.append((link, info.ifindex, parent))
+        return changed
 
-    def _mark_tcx_hooks(self, hooks: set[tuple[int, int]]) -> None:
-        """A tcx link names its interface by index, not its namespace: every namespace with an
-        interface of that index reads that hook again."""
+    def _holds_link(self, key: NsKey, link: int, ifindex: int, parent: int) -> bool:
+        """Whether namespace `key` has (or had, at its last reading) tcx link `link`."""
+        inventory = self.inventories[key]
+        if any(t.link_id == link for i in inventory.interfaces for h in i.hooks for t in h.tcx):
+            return True  # a link that went: our last reading shows where it was
+        direction = Direction(DIRECTION_BY_PARENT[parent])
+        try:  # a new link names its interface by index only: ask the candidate namespace
+            with entered(self.watched[key].namespace):
+                return any(t.link_id == link for t in bpf_syscalls.tcx_query(ifindex, direction))
+        except (OSError, NamespaceGone):
+            return False
+
+    def _mark_tcx_hooks(self, changed: list[tuple[int, int, int]]) -> None:
         for key, inventory in self.inventories.items():
+            if key not in self.watched:
+                continue
             present = {i.ifindex for i in inventory.interfaces}
             events = [
                 TcEvent("tcx-change", ifindex=ifindex, parent=parent)
-                for ifindex, parent in hooks
-                if ifindex in present
+                for link, ifindex, parent in changed
+                if ifindex in present and self._holds_link(key, link, ifindex, parent)
             ]
-            if events and key in self.watched:
+            if events:
                 self.watched[key].pending.extend(events)
                 self._mark_dirty(key)
 
