@@ -384,6 +384,17 @@ def settle(daemon: Daemon, topo: Topology, churn: Churn, timeout: float = 120.0)
     return bench_filter_changes(daemon.metrics(), topo.node)
 
 
+class RssTrace:
+    """Prints the daemon's RSS after each phase: where memory comes from."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def mark(self, phase: str) -> None:
+        rss = self.daemon.status("VmRSS") / 2**20
+        print(f"  RSS after {phase}: {rss:.1f} MiB", flush=True)
+
+
 @dataclass
 class Memory:
     rss: dict[str, int] = field(default_factory=dict)  # label -> bytes
@@ -474,6 +485,7 @@ class Results:
     scrapes: Scrapes
     memory: Memory
     families: list[tuple[str, int, int]]
+    revision: str  # the daemon's code when it started
     empty: Baseline | None = None
 
 
@@ -547,14 +559,17 @@ def daemon_revision() -> str:
     return commit + (" + local changes" if dirty else "")
 
 
-def machine() -> str:
+def machine(revision: str | None = None) -> str:
     return (f"nproc {os.cpu_count()}, kernel {os.uname().release}, "
-            f"python {sys.version.split()[0]}, tcprio {daemon_revision()}")  # fmt: skip
+            f"python {sys.version.split()[0]}, tcprio {revision or daemon_revision()}")  # fmt: skip
 
 
 def print_report(r: Results, args: argparse.Namespace, workdir: Path) -> None:
     watchdog = f"WATCHDOG_USEC={args.watchdog_usec}" if args.watchdog_usec else "no watchdog"
-    print(f"\nN={r.n} pod namespaces, seed {args.seed}, daemon with {watchdog}; {machine()}")
+    print(f"\nN={r.n} pod namespaces, seed {args.seed}, daemon with {watchdog}; "
+          f"{machine(r.revision)}")
+    if r.revision != daemon_revision():
+        print(f"warning: the daemon's code changed during the run (now {daemon_revision()})")
     print(table(rows(r)))
     print("\nbiggest metric families: " + ", ".join(
         f"{name} {size / 1024:.0f} KiB / {series} series" for name, size, series in r.families
@@ -579,6 +594,7 @@ def print_profile(path: Path, top: int = 25) -> None:
 
 
 def bench_populated(args: argparse.Namespace, workdir: Path) -> Results:
+    revision = daemon_revision()  # what the daemon below imports
     with (
         Topology(args.pods, args.seed) as topo,
         running_daemon(
@@ -590,27 +606,34 @@ def bench_populated(args: argparse.Namespace, workdir: Path) -> Results:
         text = daemon.metrics()
         first = (gauge(text, "tcprio_analysis_duration_seconds") or 0) * 1000
         rss0 = daemon.status("VmRSS")
+        time.sleep(2.0)  # the first scan's aftermath (tcx poll, sweep) settles
+        idle = daemon.idle_cpu()
         print(f"daemon ready in {ready:.1f} s; watching "
               f"{gauge(text, 'tcprio_namespaces_watched'):.0f} namespaces, "
               f"{gauge(text, 'tcprio_interfaces_watched'):.0f} interfaces", flush=True)
         churn = Churn(topo, args.seed)
         print(f"latency: {args.changes} changes, /metrics every {args.poll_ms:.0f} ms; "
               f"{args.contended} with /metrics scraped back to back; {args.link_noise} while an "
-              "unrelated tcx link comes and goes ...", flush=True)
+              "unrelated tcx link comes and goes ...", flush=True)  # fmt: skip
+        trace = RssTrace(daemon)
         poll = args.poll_ms / 1000
         latency = measure_latency(daemon, topo, churn, args.changes, poll)
+        trace.mark(f"{args.changes} quiet changes")
         contended = measure_latency(daemon, topo, churn, args.contended, 0.0)
+        trace.mark(f"{args.contended} changes scraped back to back")
         with unrelated_link_churn():
             link_noise = measure_latency(daemon, topo, churn, args.link_noise, poll)
-        print(f"idle CPU, then scrapes: {args.scrapes} ...", flush=True)
-        idle = daemon.idle_cpu()
+        trace.mark(f"{args.link_noise} changes with tcx link churn")
+        print(f"scrapes: {args.scrapes} ...", flush=True)
+        time.sleep(1.0)
         scrapes = measure_scrapes(daemon, args.scrapes)
         families = family_sizes(daemon.metrics())
+        trace.mark(f"{args.scrapes} scrapes")
         print(f"memory: churn to {args.churn:,} changes at {args.rate or 'max'}/s ...",
-              flush=True)
+              flush=True)  # fmt: skip
         memory = measure_memory(daemon, topo, churn, [1000, args.churn], args.rate)
     return Results(args.pods, ready, first, rss0, latency, contended, link_noise, idle, scrapes,
-                   memory, families)  # fmt: skip
+                   memory, families, revision)  # fmt: skip
 
 
 def bench_empty(args: argparse.Namespace, workdir: Path) -> Baseline:
@@ -626,7 +649,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--pods", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--changes", type=int, default=100, help="latency samples")
-    parser.add_argument("--poll-ms", type=float, default=100.0,
+    parser.add_argument("--poll-ms", type=float, default=500.0,
                         help="scrape interval while waiting for a change to show")
     parser.add_argument("--contended", type=int, default=20,
                         help="latency samples with /metrics scraped back to back")
