@@ -394,12 +394,14 @@ class Topology:
 
 
 def sigterm_as_interrupt() -> None:
-    """SIGTERM tears down like Ctrl-C does."""
+    """SIGTERM, and SIGINT even where the shell started us with it ignored, tear down like
+    Ctrl-C does."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def summary(topo: Topology) -> str:
@@ -409,8 +411,8 @@ def summary(topo: Topology) -> str:
             f"{filters} filters, {tcx} tcx links")  # fmt: skip
 
 
-def hold(n: int, seed: int) -> None:
-    with Topology(n, seed) as topo:
+def hold(n: int, seed: int, tcx_share: float) -> None:
+    with Topology(n, seed, tcx_share) as topo:
         print(f"built in {topo.build_seconds:.2f} s: {summary(topo)}")
         print(f"node namespace: {topo.node}; pods: {topo.pods[0] if topo.pods else '-'} ...")
         print("holding; Ctrl-C tears down", flush=True)
@@ -420,10 +422,10 @@ def hold(n: int, seed: int) -> None:
     print(f"torn down in {topo.teardown_seconds:.2f} s")
 
 
-def time_sizes(sizes: Sequence[int], seed: int) -> None:
+def time_sizes(sizes: Sequence[int], seed: int, tcx_share: float) -> None:
     print(f"{'pods':>6} {'build s':>8} {'teardown s':>11}  build phases (s); what")
     for n in sizes:
-        with Topology(n, seed) as topo:
+        with Topology(n, seed, tcx_share) as topo:
             pass
         phases = ", ".join(f"{name} {s:.2f}" for name, s in topo.phases.items())
         print(f"{n:>6} {topo.build_seconds:>8.2f} {topo.teardown_seconds:>11.2f}  {phases}; "
@@ -435,6 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pods", type=int, action="append",
                         help="pod namespaces (repeatable; default 50, 200 and 800)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--tcx-share", type=float, default=0.25,
+                        help="share of the pods with tcx programs (each attach costs ~14 ms)")
     parser.add_argument("--hold", action="store_true", help="build one topology, keep it up")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -445,11 +449,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"removed {len(stale)} namespaces left over by earlier runs")
     sizes = args.pods or [50, 200, 800]
     if args.hold:
-        hold(sizes[0], args.seed)
+        hold(sizes[0], args.seed, args.tcx_share)
     else:
-        time_sizes(sizes, args.seed)
+        time_sizes(sizes, args.seed, args.tcx_share)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        print("interrupted: namespaces removed", file=sys.stderr)
+        raise SystemExit(130) from None
