@@ -386,14 +386,17 @@ def test_helper_symbols_from_a_kallsyms_file(tmp_path: Path) -> None:
         "ffffffff81400000 T __bpf_call_base\n"
         "ffffffff81400100 t bpf_redirect\n"
         "ffffffff81400200 D some_data\n"
-        "ffffffffa0001000 t mod_helper\t[some_module]\n"
-        "0000000000001000 T far_away\n"
+        "ffffffff81400300 t htab_map_lookup_elem\n"
+        "ffffffffa0001000 t bpf_mod_helper\t[some_module]\n"
+        "ffffffffa0002000 t mod_function\t[some_module]\n"
+        "0000000000001000 T bpf_far_away\n"
     )
+    # only names a helper call can be (bpf_*, map operations) are kept, within imm's reach
     assert bpf_syscalls.load_helper_symbols(str(kallsyms)) == {
-        -0x400000: "_stext",
         0: "__bpf_call_base",
         0x100: "bpf_redirect",
-        0xA0001000 - 0x81400000: "mod_helper",
+        0x300: "htab_map_lookup_elem",
+        0xA0001000 - 0x81400000: "bpf_mod_helper",
     }
 
 
