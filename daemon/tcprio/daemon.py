@@ -501,8 +501,10 @@ class Daemon:
 
     def flush(self, kind: str = "incremental") -> None:
         started = time.monotonic()
-        for key in list(self.dirty):
+        for count, key in enumerate(list(self.dirty), start=1):
             self._reread(key)
+            if count % 25 == 0:
+                release_memory()  # a full re-read of hundreds of namespaces: keep the peak low
         self.dirty.clear()
         self.dirty_since = None
         if self.datadog is None:
