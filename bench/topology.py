@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import random
 import signal
@@ -40,7 +39,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -52,11 +51,11 @@ from pyroute2 import IPRoute  # noqa: E402
 
 from tcprio import bpf_syscalls  # noqa: E402
 from tcprio.model import ETH_P_ALL, Direction  # noqa: E402
+from tcprio.namespaces import entered_path  # noqa: E402
 from tests.bpf_programs import ClassifierPrograms, shared_programs  # noqa: E402
 
 PREFIX = "tcpriob-"
 NETNS_DIR = Path("/run/netns")
-CLONE_NEWNET = 0x40000000
 PARENT = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
 TC_H_CLSACT = 0xFFFFFFF1
 ETH_P_IP = 0x0800
@@ -65,7 +64,6 @@ FIRST_NODE_IFINDEX = 1000  # node-side veths get fixed ifindexes: no lookup need
 CNI_PROGRAMS = ("term_ok", "term_redirect")
 TCX_PROGRAM = "pass_unspec"
 
-_libc = ctypes.CDLL(None, use_errno=True)
 _runs = 0  # topologies made by this process: part of the names, so that each run is unique
 
 
@@ -159,24 +157,9 @@ def cleanup_leftovers() -> list[str]:
     return stale
 
 
-@contextlib.contextmanager
-def entered(netns: str) -> Iterator[None]:
+def entered(netns: str) -> contextlib.AbstractContextManager[None]:
     """This thread inside `netns` for the body (netlink sockets made there stay bound to it)."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        target = os.open(NETNS_DIR / netns, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if _libc.setns(target, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), f"setns into {netns}")
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            if _libc.setns(home, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back home")
-    finally:
-        os.close(home)
+    return entered_path(NETNS_DIR / netns)
 
 
 def socket_in(netns: str) -> IPRoute:

@@ -7,7 +7,6 @@ whether the test passed, failed or was interrupted. Nothing here touches the hos
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
 import json
 import os
@@ -15,10 +14,10 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from tcprio.namespaces import entered_path
+
 NETNS_PREFIX = "tcpriot-"
-CLONE_NEWNET = 0x40000000
 _counter = itertools.count()
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -60,22 +59,9 @@ class TestNetns:
         info = json.loads(run("ip", "-n", self.name, "-j", "link", "show", ifname).stdout)
         return int(info[0]["ifindex"])
 
-    @contextlib.contextmanager
-    def entered(self) -> Iterator[None]:
+    def entered(self) -> contextlib.AbstractContextManager[None]:
         """Run the body with this thread inside the namespace (netlink and bpf calls follow)."""
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        target = os.open(self.path, os.O_RDONLY)
-        try:
-            if _libc.setns(target, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), f"setns into {self.name}")
-            try:
-                yield
-            finally:
-                if _libc.setns(home, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns back home")
-        finally:
-            os.close(target)
-            os.close(home)
+        return entered_path(self.path)
 
 
 @contextlib.contextmanager

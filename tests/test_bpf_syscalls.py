@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import json
@@ -11,7 +10,6 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -64,15 +62,6 @@ def ipv6_udp_packet() -> bytes:
 
 def encode_insns(insns: tuple[Instruction, ...]) -> bytes:
     return b"".join(struct.pack("<BBhi", i.code, (i.src << 4) | i.dst, i.off, i.imm) for i in insns)
-
-
-@contextlib.contextmanager
-def run_stats() -> Iterator[None]:
-    fd = bpf_syscalls.enable_run_stats()
-    try:
-        yield
-    finally:
-        os.close(fd)
 
 
 # --- programs --------------------------------------------------------------------------------
@@ -296,7 +285,7 @@ def test_prog_test_run_depends_on_the_packet(classifier_programs: ClassifierProg
 def test_run_stats_count_test_runs(classifier_programs: ClassifierPrograms) -> None:
     prog_id = classifier_programs.prog_id("pass_42")
     before = bpf_syscalls.prog_info(prog_id, with_insns=False)
-    with run_stats():
+    with bpf_syscalls.run_stats():
         bpf_syscalls.prog_test_run(classifier_programs.fd("pass_42"), ipv4_udp_packet(), repeat=10)
         after = bpf_syscalls.prog_info(prog_id, with_insns=False)
     assert after.run_cnt >= before.run_cnt + 10
@@ -318,7 +307,8 @@ def test_real_traffic_runs_attached_classifiers(classifier_programs: ClassifierP
         assert [f["options"].get("prog", {}).get("id") for f in shown if "options" in f] == [
             egress_id
         ]
-        with run_stats(), tcx_attached(receiver, "vb", "ingress", "classifier_ingress"):
+        observer = tcx_attached(receiver, "vb", "ingress", "classifier_ingress")
+        with bpf_syscalls.run_stats(), observer:
             seen_before = (
                 classifier_programs.seen("classifier_egress"),
                 classifier_programs.seen("classifier_ingress"),

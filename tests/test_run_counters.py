@@ -33,15 +33,6 @@ def pair() -> Iterator[tuple[TestNetns, TestNetns]]:
         yield tx, rx
 
 
-@contextlib.contextmanager
-def run_stats() -> Iterator[None]:
-    fd = bpf_syscalls.enable_run_stats()
-    try:
-        yield
-    finally:
-        os.close(fd)
-
-
 def send_udp(tx: TestNetns, rx: TestNetns, count: int) -> int:
     """Send `count` datagrams from tx to rx; return how many arrived."""
     with rx.entered():
@@ -70,7 +61,7 @@ def _traffic_deltas(
 ) -> tuple[int, dict[str, int], dict[str, int]]:
     before_runs = {n: run_count(programs, n) for n in names}
     before_seen = {n: programs.seen(n) for n in names}
-    with run_stats():
+    with bpf_syscalls.run_stats():
         arrived = send_udp(tx, rx, PACKETS)
     runs = {n: run_count(programs, n) - before_runs[n] for n in names}
     seen = {n: programs.seen(n) - before_seen[n] for n in names}

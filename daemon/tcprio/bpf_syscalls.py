@@ -869,6 +869,16 @@ def enable_run_stats() -> int:
     return _bpf(BpfCmd.ENABLE_STATS, _EnableStatsAttr(type=BPF_STATS_RUN_TIME))
 
 
+@contextlib.contextmanager
+def run_stats() -> Iterator[None]:
+    """BPF run statistics counted while the body runs."""
+    fd = enable_run_stats()
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 def _verifier_log_tail(log: bytes, lines: int = 8) -> str:
     text = log.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
     return " | ".join(text.splitlines()[-lines:])

@@ -14,7 +14,7 @@ import contextlib
 import ctypes
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -203,11 +203,10 @@ def open_namespace(ns: NetNamespace) -> int:
 
 
 @contextlib.contextmanager
-def entered(ns: NetNamespace) -> Iterator[None]:
-    """Run the body with the calling thread inside `ns`; always come back home."""
+def _entered_fd(open_target: Callable[[], int]) -> Iterator[None]:
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        target = open_namespace(ns)
+        target = open_target()
         try:
             _setns(target)
         finally:
@@ -218,6 +217,16 @@ def entered(ns: NetNamespace) -> Iterator[None]:
             _setns(home)
     finally:
         os.close(home)
+
+
+def entered(ns: NetNamespace) -> contextlib.AbstractContextManager[None]:
+    """Run the body with the calling thread inside `ns`; always come back home."""
+    return _entered_fd(lambda: open_namespace(ns))
+
+
+def entered_path(path: str | os.PathLike[str]) -> contextlib.AbstractContextManager[None]:
+    """Like `entered`, for a namespace known only by a path (/run/netns/<name>)."""
+    return _entered_fd(lambda: os.open(path, os.O_RDONLY | os.O_CLOEXEC))
 
 
 def current_namespace_key() -> tuple[int, int]:
