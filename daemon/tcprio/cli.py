@@ -1,4 +1,5 @@
-"""Command line: `tcprio --scan` for a one-shot report, `tcprio` alone for the daemon."""
+"""Command line: `tcprio --scan` for a one-shot report, `tcprio` alone for the daemon,
+`tcprio self-test` to prove the detection on this node, `tcprio bundle` for support."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find every TC classifier on this node, what it can return, and what hides "
         "Datadog Workload Protection's network classifier.",
         epilog="Exit status of --scan: 0 no conflict, 1 fixable conflicts only, 2 a critical "
-        "conflict, 3 the scan itself failed.",
+        "conflict, 3 the scan itself failed. Other commands: `tcprio self-test --help`, "
+        "`tcprio bundle --help`.",
     )
     parser.add_argument("--version", action="version", version=f"tcprio {__version__}")
     parser.add_argument(
@@ -129,7 +131,116 @@ def run_daemon_command(args: argparse.Namespace) -> int:
     return run_daemon(Path(args.config), args.listen_address)
 
 
+def _add_datadog_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--datadog-config",
+        action="append",
+        metavar="FILE",
+        help="Datadog system-probe.yaml / security-agent.yaml to read instead of the ones in "
+        "/etc/datadog-agent (repeatable)",
+    )
+    parser.add_argument(
+        "--no-agent-process",
+        action="store_true",
+        help="do not read a running system-probe's own environment and config file",
+    )
+
+
+def build_bundle_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tcprio bundle",
+        description="Collect what support needs into one tar.gz (secrets redacted), show the "
+        "list of files and ask before writing it. Nothing is uploaded.",
+    )
+    parser.add_argument("-y", "--yes", action="store_true", help="write without asking")
+    parser.add_argument(
+        "--output",
+        metavar="FILE",
+        help="archive to write (default /var/tmp/tcprio-bundle-<host>-<UTC time>.tar.gz)",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=str(DEFAULT_CONFIG_PATH),
+        help=f"tcprio daemon configuration to include (default {DEFAULT_CONFIG_PATH})",
+    )
+    parser.add_argument(
+        "--netns", action="append", metavar="GLOB", help="only these namespaces (repeatable)"
+    )
+    parser.add_argument(
+        "--log-lines",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="how many recent lines of the tcprio service's journal to include (default 2000)",
+    )
+    _add_datadog_arguments(parser)
+    return parser
+
+
+def run_bundle_command(argv: list[str]) -> int:
+    args = build_bundle_parser().parse_args(argv)
+    problem = privileges.missing_privileges()
+    if problem:
+        print(f"tcprio bundle: {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    from tcprio.bundle import run_bundle
+
+    return run_bundle(args, discover=_namespace_filter(args.netns))
+
+
+def build_selftest_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tcprio self-test",
+        description="Build a throw-away scene in namespaces of its own (veths, clsact, real BPF "
+        "classifiers, tcx), send traffic through it and check every step of tcprio's detection. "
+        "Prints 'Self test: OK' (exit 0) or 'Self test: FAILED' (exit 1).",
+    )
+    parser.add_argument(
+        "--format", choices=("text", "json"), default="text", help="report format (default text)"
+    )
+    parser.add_argument(
+        "--classifier-priority",
+        type=int,
+        metavar="N",
+        help="build the scene for this classifier_priority instead of the node's configured one",
+    )
+    parser.add_argument(
+        "--metrics-url",
+        metavar="URL",
+        help="the running daemon's /metrics to check propagation against (default: found from "
+        "the tcprio daemon process running on this node)",
+    )
+    parser.add_argument(
+        "--no-daemon-check",
+        action="store_true",
+        help="do not check that the conflicts reach a running daemon's /metrics",
+    )
+    parser.add_argument(
+        "--color", choices=("auto", "always", "never"), default="auto", help="highlighting"
+    )
+    _add_datadog_arguments(parser)
+    return parser
+
+
+def run_selftest_command(argv: list[str]) -> int:
+    args = build_selftest_parser().parse_args(argv)
+    problem = privileges.missing_privileges()
+    if problem:
+        print(f"tcprio self-test: {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    from tcprio.selftest_cli import run_selftest
+
+    return run_selftest(args)
+
+
+SUBCOMMANDS = {"bundle": run_bundle_command, "self-test": run_selftest_command}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     if args.scan:
         return run_scan_command(args)

@@ -23,21 +23,25 @@ def _attachments(result: ScanResult) -> Counter[int]:
     )
 
 
-def _runs(samples: Samples, prog_id: int) -> int | None:
+def _runs(samples: Samples, prog_id: int, min_window_s: float) -> int | None:
     """Runs over the window: from the oldest sample that knows the program to the newest.
 
-    None when the program has not been sampled over at least MIN_WINDOW_S yet."""
+    None when the program has not been sampled over at least `min_window_s` yet."""
     last_time, last = samples[-1][0], samples[-1][1].get(prog_id)
     if last is None:
         return None
     for taken, stats in samples:
         first = stats.get(prog_id)
         if first is not None:
-            return last.run_cnt - first.run_cnt if last_time - taken >= MIN_WINDOW_S else None
+            return last.run_cnt - first.run_cnt if last_time - taken >= min_window_s else None
     return None
 
 
-def starved_hooks(result: ScanResult, samples: Samples) -> frozenset[HookKey]:
+def starved_hooks(
+    result: ScanResult, samples: Samples, min_window_s: float = MIN_WINDOW_S
+) -> frozenset[HookKey]:
+    """Hooks where a blocker ran and Datadog's classifier did not, over at least `min_window_s`
+    (the daemon waits for MIN_WINDOW_S of evidence; the self-test sends its own traffic)."""
     if len(samples) < 2:
         return frozenset()
     attached = _attachments(result)
@@ -53,7 +57,7 @@ def starved_hooks(result: ScanResult, samples: Samples) -> frozenset[HookKey]:
             and c.blocker.prog_id is not None
             and attached[c.blocker.prog_id] == 1
         ]
-        busy = any((_runs(samples, p) or 0) > 0 for p in blockers)
-        if busy and _runs(samples, datadog[0].prog_id) == 0:
+        busy = any((_runs(samples, p, min_window_s) or 0) > 0 for p in blockers)
+        if busy and _runs(samples, datadog[0].prog_id, min_window_s) == 0:
             starved.add((hook.namespace, hook.interface, str(hook.direction)))
     return frozenset(starved)

@@ -1,0 +1,124 @@
+"""`tcprio self-test` on the command line: live progress, the verdict, cleanup on signals."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+from tcprio.selftest import SelfTestOptions, SelfTestReport, Status, StepResult, run_self_test
+
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+
+MARKS = {Status.OK: " OK ", Status.FAILED: "FAIL", Status.SKIPPED: "SKIP"}
+COLORS = {Status.OK: "32", Status.FAILED: "1;31", Status.SKIPPED: "33"}
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: stop like Ctrl-C, removing the scene first."""
+
+
+def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def step_lines(step: StepResult, color: bool) -> list[str]:
+    mark = MARKS[step.status]
+    if color:
+        mark = f"\033[{COLORS[step.status]}m{mark}\033[0m"
+    lines = [f"[{mark}] {step.name}: {step.summary}"]
+    lines += [f"         - {problem}" for problem in step.problems]
+    return lines
+
+
+def verdict_line(report: SelfTestReport) -> str:
+    if report.interrupted:
+        return "Self test: FAILED (interrupted; the scene was removed)"
+    return "Self test: OK" if report.ok else "Self test: FAILED"
+
+
+def report_json(report: SelfTestReport) -> dict[str, Any]:
+    return {
+        "schema": "tcprio.self-test",
+        "schema_version": 1,
+        "ok": report.ok,
+        "interrupted": report.interrupted,
+        "classifier_priority": report.classifier_priority,
+        "classifier_priority_source": report.priority_source,
+        "steps": [
+            {"name": s.name, "status": str(s.status), "summary": s.summary,
+             "problems": list(s.problems)}
+            for s in report.steps
+        ],
+    }  # fmt: skip
+
+
+def _use_color(choice: str, stream: TextIO) -> bool:
+    return choice == "always" or (choice == "auto" and stream.isatty())
+
+
+def _options(args: argparse.Namespace) -> SelfTestOptions:
+    files = tuple(Path(f) for f in args.datadog_config) if args.datadog_config else None
+    return SelfTestOptions(
+        datadog_files=files,
+        scan_processes=not args.no_agent_process,
+        classifier_priority=args.classifier_priority,
+        daemon_check=not args.no_daemon_check,
+        metrics_url=args.metrics_url,
+    )
+
+
+def _node_settings(options: SelfTestOptions):
+    from tcprio.datadog_config import DEFAULT_FILES, resolve_settings
+
+    files = options.datadog_files if options.datadog_files is not None else DEFAULT_FILES
+    settings = resolve_settings(files=files, scan_processes=options.scan_processes)
+    for error in settings.errors:
+        print(f"tcprio self-test: bad Datadog setting ignored: {error}", file=sys.stderr)
+    return settings
+
+
+def _check_priority(value: int | None) -> str:
+    if value is not None and not 1 <= value <= 65535:
+        return f"--classifier-priority {value}: a tc priority is 1..65535"
+    return ""
+
+
+def run_selftest(args: argparse.Namespace) -> int:
+    problem = _check_priority(args.classifier_priority)
+    if problem:
+        print(f"tcprio self-test: {problem}", file=sys.stderr)
+        return 2
+    options = _options(args)
+    text = args.format == "text"
+    color = _use_color(args.color, sys.stdout)
+
+    def show(step: StepResult) -> None:
+        if text:
+            print("\n".join(step_lines(step, color)), flush=True)
+
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
+    report: SelfTestReport | None = None
+    try:
+        settings = _node_settings(options)
+        if text:
+            print("tcprio self-test: a throw-away scene in namespaces of its own", flush=True)
+        try:
+            report = run_self_test(options, settings, on_step=show)
+        except KeyboardInterrupt:
+            report = SelfTestReport(0, "", interrupted=True)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if text:
+        print(verdict_line(report))
+    else:
+        json.dump(report_json(report), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    if report.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if report.ok else EXIT_FAILED

@@ -1,0 +1,200 @@
+"""The self-test's end-to-end step: do the scene's conflicts reach a running daemon's /metrics?
+
+The daemon is found among this node's processes (`tcprio` without `--scan` or a subcommand);
+its address, TLS and basic auth come from its command line and its configuration file (read
+through /proc/<pid>/root, so a daemon in a container is found too). Its /metrics is fetched from
+inside its own network namespace, so `0.0.0.0` means its loopback, whichever namespace it is in.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tcprio.config import DEFAULT_CONFIG_PATH, ConfigError, DaemonConfig, load_config
+from tcprio.namespaces import entered_path
+
+FETCH_TIMEOUT_S = 5.0
+NOT_THE_DAEMON = {"--scan", "self-test", "bundle", "--help", "-h", "--version"}
+
+
+@dataclass(frozen=True)
+class DaemonTarget:
+    pid: int | None
+    url: str
+    netns_path: str | None  # enter it to connect; None: ours
+    config: DaemonConfig | None
+
+
+def _is_tcprio(argv: list[str]) -> bool:
+    if not argv:
+        return False
+    if Path(argv[0]).name == "tcprio":
+        return True
+    # python -m tcprio / python /path/to/tcprio
+    return len(argv) > 1 and (argv[1:3] == ["-m", "tcprio"] or Path(argv[1]).name == "tcprio")
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def daemon_processes(proc: Path = Path("/proc"), exclude: Iterable[int] = ()) -> list[int]:
+    skip = set(exclude)
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) in skip:
+            continue
+        try:
+            argv = _argv(int(entry.name))
+        except OSError:
+            continue
+        if _is_tcprio(argv) and not NOT_THE_DAEMON & set(argv):
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def _argv(pid: int) -> list[str]:
+    raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _config_of(pid: int, argv: list[str]) -> DaemonConfig:
+    """The daemon's configuration file, seen from its own root and working directory."""
+    path = Path(_option(argv, "--config") or DEFAULT_CONFIG_PATH)
+    if path.is_absolute():
+        return load_config(Path(f"/proc/{pid}/root") / path.relative_to("/"), missing_ok=True)
+    return load_config(Path(f"/proc/{pid}/cwd") / path, missing_ok=True)
+
+
+def _connect_host(host: str) -> str:
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def target_of(pid: int) -> DaemonTarget:
+    """Where daemon `pid` serves /metrics; ConfigError when its configuration cannot be read."""
+    argv = _argv(pid)
+    config = _config_of(pid, argv)
+    listen = _option(argv, "--listen-address")
+    if listen:
+        from tcprio.config import with_overrides
+
+        config = with_overrides(config, listen)
+    host = _connect_host(config.listen_host)
+    scheme = "https" if config.tls else "http"
+    host_part = f"[{host}]" if ":" in host else host
+    url = f"{scheme}://{host_part}:{config.listen_port}/metrics"
+    return DaemonTarget(pid, url, f"/proc/{pid}/ns/net", config)
+
+
+def find_daemon(own_pid: int) -> tuple[DaemonTarget | None, str]:
+    """The daemon to check, or None with the reason."""
+    pids = daemon_processes(exclude=[own_pid])
+    if not pids:
+        return None, "no tcprio daemon is running on this node"
+    try:
+        return target_of(pids[0]), ""
+    except (ConfigError, OSError) as exc:
+        return None, f"tcprio daemon pid {pids[0]}: cannot read its configuration: {exc}"
+
+
+def excluded_by(config: DaemonConfig | None, names: Iterable[str]) -> str:
+    """Why the daemon's namespace globs leave out one of `names` ("" when it watches them)."""
+    if config is None:
+        return ""
+    for name in names:
+        if not any(fnmatch.fnmatchcase(name, g) for g in config.include_namespaces):
+            return f"its namespaces.include {list(config.include_namespaces)} leaves out {name}"
+        if any(fnmatch.fnmatchcase(name, g) for g in config.exclude_namespaces):
+            return f"its namespaces.exclude {list(config.exclude_namespaces)} leaves out {name}"
+    return ""
+
+
+def _request(target: DaemonTarget) -> urllib.request.Request:
+    request = urllib.request.Request(target.url)
+    auth = target.config.basic_auth if target.config else None
+    if auth is not None:
+        token = base64.b64encode(f"{auth.username}:{auth.password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    return request
+
+
+def _tls_context() -> ssl.SSLContext:
+    # The daemon's own certificate is often self-signed for its node: the self-test checks what
+    # it serves on this node, not who it is.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def fetch_metrics(target: DaemonTarget) -> str:
+    def fetch() -> str:
+        context = _tls_context() if target.url.startswith("https") else None
+        request = _request(target)
+        with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S, context=context) as reply:
+            return reply.read().decode()
+
+    if target.netns_path is None:
+        return fetch()
+    with entered_path(target.netns_path):  # sockets made here stay in the daemon's namespace
+        return fetch()
+
+
+ConflictKey = tuple[str, str, str, str, str]  # namespace, interface, direction, severity, prog id
+
+
+def conflicts_in(metrics_text: str, namespaces: set[str]) -> set[ConflictKey]:
+    found = set()
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != "tcprio_conflict":
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if labels.get("namespace") in namespaces and sample.value == 1:
+                found.add((labels["namespace"], labels["interface"], labels["direction"],
+                           labels["severity"], labels.get("blocker_prog_id", "")))  # fmt: skip
+    return found
+
+
+@dataclass(frozen=True)
+class Propagation:
+    seen: set[ConflictKey]
+    seconds: float
+    error: str = ""
+
+
+def wait_for_conflicts(
+    target: DaemonTarget, want: set[ConflictKey], namespaces: set[str], timeout_s: float
+) -> Propagation:
+    """Poll /metrics until exactly `want` shows for `namespaces`, or the time is up."""
+    started = time.monotonic()
+    seen: set[ConflictKey] = set()
+    error = ""
+    while True:
+        try:
+            seen, error = conflicts_in(fetch_metrics(target), namespaces), ""
+        except (OSError, urllib.error.URLError, ValueError) as exc:
+            error = f"{target.url}: {exc}"
+        elapsed = time.monotonic() - started
+        if seen == want or elapsed > timeout_s:
+            return Propagation(seen, elapsed, error)
+        time.sleep(0.2)
