@@ -13,6 +13,7 @@ import ctypes
 import fnmatch
 import gc
 import json
+import math
 import os
 import platform
 import selectors
@@ -30,7 +31,13 @@ from tcprio.datadog_config import resolve_settings
 from tcprio.endpoint import Endpoint
 from tcprio.metrics import MetricsRenderer
 from tcprio.model import DatadogSettings, Direction, NamespaceInventory, NetNamespace, TcFilter
-from tcprio.namespaces import NAMED_NETNS_DIRS, NamespaceGone, discover_namespaces, entered
+from tcprio.namespaces import (
+    NAMED_NETNS_DIRS,
+    NamespaceGone,
+    discover_namespaces,
+    entered,
+    unmounted_named_files,
+)
 from tcprio.scan import ProgramCache, analyse_node, inventory_errors
 from tcprio.semantics import action_name
 from tcprio.snapshot import Counters, LiveKey, ProbeState, RunStats, Snapshot
@@ -40,6 +47,8 @@ from tcprio.watch import NamespaceWatch, NetnsFolderWatch, ProcessExitWatch, TcE
 
 NsKey = tuple[int, int]
 STALL_AFTER_S = 30.0
+SETTLE_STEPS_S = (0.05, 0.2, 1.0)  # extra sweeps after a netns folder event
+SETTLE_WINDOW_S = 5.0  # for at most this long after the folder changed
 DIRECTION_BY_PARENT = {0xFFFFFFF2: "ingress", 0xFFFFFFF3: "egress", 0xFFFF0000: "ingress"}
 TCX_PARENT = {bpf_syscalls.BPF_TCX_INGRESS: 0xFFFFFFF2, bpf_syscalls.BPF_TCX_EGRESS: 0xFFFFFFF3}
 
@@ -137,7 +146,11 @@ class Daemon:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # the watchdog timer only runs under systemd with WatchdogSec= (else it would spin)
         watchdog = 0.0 if sd_notify.watchdog_interval() is not None else float("inf")
-        self._timers = {"sweep": 0.0, "resync": 0.0, "poll": 0.0, "watchdog": watchdog}
+        self._timers = {
+            "sweep": 0.0, "resync": 0.0, "poll": 0.0, "watchdog": watchdog, "settle": math.inf,
+        }  # fmt: skip
+        self._settle_until = 0.0
+        self._settle_steps: list[float] = []
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -295,6 +308,7 @@ class Daemon:
         elif kind == "folders" and self.folder_watch is not None:
             if self.folder_watch.drain():
                 self.sweep()
+                self._settle_named_namespaces(time.monotonic(), first=True)
         elif kind == "netlink" and ns_key in self.watched:
             self._on_netlink(ns_key)
         elif kind == "exit" and ns_key in self.watched:
@@ -325,7 +339,25 @@ class Daemon:
             watched.exit_watch = None
         self.sweep()  # another process may still live there; if none, it goes
 
+    def _settle_named_namespaces(self, now: float, first: bool = False) -> None:
+        """`ip netns add` creates the file, then mounts the namespace on it, and the mount sends
+        no inotify event (nor does a file that another mount namespace creates): after a folder
+        event, sweep again a few times, and while a file is not a namespace yet."""
+        if first:
+            self._settle_until = now + SETTLE_WINDOW_S
+            self._settle_steps = list(SETTLE_STEPS_S)
+        self._timers["settle"] = math.inf
+        if now >= self._settle_until:
+            return
+        if self._settle_steps:
+            self._timers["settle"] = now + self._settle_steps.pop(0)
+        elif unmounted_named_files(NAMED_NETNS_DIRS):
+            self._timers["settle"] = now + SETTLE_STEPS_S[0]
+
     def _run_timers(self, now: float) -> None:
+        if now >= self._timers["settle"]:
+            self.sweep()
+            self._settle_named_namespaces(now)
         if self.dirty_since is not None and now >= self.dirty_since + self.config.debounce:
             self.flush()
         if now >= self._timers["poll"]:

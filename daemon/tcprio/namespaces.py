@@ -132,6 +132,22 @@ def _named_namespaces(dirs: Iterable[Path]) -> Iterator[NetNamespace]:
             yield NetNamespace(inode=key[1], dev=key[0], name=entry, path=str(path), source=source)
 
 
+def unmounted_named_files(dirs: Iterable[Path]) -> list[Path]:
+    """Files in the netns folders that are not namespaces yet: `ip netns add` is half-way."""
+    nsfs = nsfs_device()
+    found = []
+    for folder in dirs:
+        try:
+            entries = sorted(os.listdir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            key = _nsfs_key(folder / entry)
+            if key is None or (nsfs is not None and key[0] != nsfs):
+                found.append(folder / entry)
+    return found
+
+
 def _pid_dirs(proc: Path) -> list[Path]:
     try:
         names = os.listdir(proc)

@@ -501,7 +501,7 @@ def check_daemon(
         (*e.hook, _severity_for_daemon(e.severity, node_settings), str(e.blocker_prog_id))
         for e in expected_conflicts(scene)
     }
-    seen = sd.wait_for_conflicts(target, want, names, options.daemon_timeout_s)
+    seen = sd.wait_for_conflicts(target, want, names, options.daemon_timeout_s, scene.built_at)
     problems = [f"missing from {target.url}: {'/'.join(k[:3])} {k[3]} (program {k[4]})"
                 for k in sorted(want - seen.seen)]  # fmt: skip
     problems += [f"unexpected in {target.url}: {'/'.join(k[:3])} {k[3]} (program {k[4]})"
@@ -511,7 +511,8 @@ def check_daemon(
     who = f"daemon pid {target.pid}" if target.pid else "the daemon"
     return _step(
         name,
-        f"{who} exported all {len(want)} conflicts at {target.url} within {seen.seconds:.1f} s",
+        f"{who} exported all {len(want)} conflicts at {target.url}, seen {seen.seconds:.2f} s "
+        "after the scene was complete",
         problems,
         f"{who} did not export the conflicts within {options.daemon_timeout_s:.0f} s",
     )
@@ -547,6 +548,7 @@ def build_scene(scene: Scene, factory, priority: int) -> StepResult:
         scene.classifiers.append(
             AttachedClassifier(placement, bpf_syscalls.prog_id_of_fd(fd), fd)
         )
+    scene.built_at = time.monotonic()
     hooks = len({_hook_key(c.placement) for c in scene.classifiers})
     notes = []
     if not scene.tcx_available:
@@ -556,8 +558,8 @@ def build_scene(scene: Scene, factory, priority: int) -> StepResult:
         )
     if mid_priority(priority) is None:
         notes.append(
-            f"fixable case left out: classifier_priority {priority} leaves no priority between "
-            "2 and itself for a vendor to take"
+            f"fixable case left out: with classifier_priority {priority} no vendor priority "
+            "can sit between 1 and Datadog's, so every conflict here is critical"
         )
     summary = (
         f"namespaces {scene.node_ns} and {scene.pod_ns}, a veth pair, {len(scene.classifiers)} "

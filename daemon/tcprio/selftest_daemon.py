@@ -183,10 +183,16 @@ class Propagation:
 
 
 def wait_for_conflicts(
-    target: DaemonTarget, want: set[ConflictKey], namespaces: set[str], timeout_s: float
+    target: DaemonTarget,
+    want: set[ConflictKey],
+    namespaces: set[str],
+    timeout_s: float,
+    since: float | None = None,
 ) -> Propagation:
-    """Poll /metrics until exactly `want` shows for `namespaces`, or the time is up."""
-    started = time.monotonic()
+    """Poll /metrics until exactly `want` shows for `namespaces`, or `timeout_s` is up.
+    `seconds` counts from `since` (a time.monotonic(): when the scene was complete)."""
+    started = time.monotonic() if since is None else since
+    polling_since = time.monotonic()
     seen: set[ConflictKey] = set()
     error = ""
     while True:
@@ -195,6 +201,6 @@ def wait_for_conflicts(
         except (OSError, urllib.error.URLError, ValueError) as exc:
             error = f"{target.url}: {exc}"
         elapsed = time.monotonic() - started
-        if seen == want or elapsed > timeout_s:
+        if seen == want or time.monotonic() - polling_since > timeout_s:
             return Propagation(seen, elapsed, error)
         time.sleep(0.2)

@@ -172,6 +172,7 @@ class Scene:
     link_fds: list[int] = field(default_factory=list)
     tcx_available: bool = False
     tcx_problem: str = ""
+    built_at: float | None = None  # time.monotonic() when every classifier was attached
 
     def path(self, namespace: str) -> str:
         return str(NETNS_DIR / namespace)
