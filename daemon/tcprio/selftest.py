@@ -376,9 +376,9 @@ def _runs_problems(
     for prog_id, (what, at_least) in wanted.items():
         runs = after[prog_id].run_cnt - before[prog_id].run_cnt
         if at_least is None and runs != 0:
-            problems.append(f"{what} ran {runs} times, but tcprio says it is hidden")
+            problems.append(f"{what} ran {runs} times although it should be hidden")
         elif at_least is not None and runs < at_least:
-            problems.append(f"{what} ran {runs} times for {at_least} packets sent")
+            problems.append(f"{what} ran {runs} times for {at_least} packets: it should run")
     return problems
 
 
@@ -679,6 +679,8 @@ def _compile_failure(exc: Exception) -> StepResult:
             f"BCC is not importable ({exc}): install python3-bpfcc (scripts/setup.sh does); "
             "the self-test cannot run without it, the scan and the daemon can"
         )
+    elif isinstance(exc, selftest_scene.CompileError):
+        detail = f"{exc}; the self-test cannot run here (the scan and the daemon do not compile)"
     else:
         detail = f"{type(exc).__name__}: {exc}"
     return StepResult("compiles the classifiers", Status.FAILED, detail)

@@ -14,7 +14,9 @@ import re
 import socket
 import struct
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,6 +99,33 @@ def remove_leftovers() -> list[tuple[str, int]]:
 # --- the programs ----------------------------------------------------------------------------
 
 
+class CompileError(RuntimeError):
+    """BCC failed on bpf/classifiers.c; the message holds the compiler's last lines."""
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """BCC and clang write to file descriptor 2: keep their chatter, show it only on failure."""
+    lines: list[str] = []
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(sink.read(1 << 16).decode(errors="replace").splitlines())
+
+
+def _last_lines(lines: list[str], count: int = 2) -> str:
+    """The compiler's error lines (or its last lines): what a user can act on."""
+    meaningful = [line.strip() for line in lines if line.strip()]
+    errors = [line for line in meaningful if "error:" in line]
+    return " / ".join((errors or meaningful)[-count:]) or "no compiler output"
+
+
 class ProgramFactory:
     """bpf/classifiers.c compiled once with BCC; `load(name)` gives a fresh copy of a function.
 
@@ -106,12 +135,21 @@ class ProgramFactory:
     """
 
     def __init__(self, source: Path = CLASSIFIERS_C) -> None:
-        from tcprio.bcc_support import prepare_bcc_environment
+        from tcprio.bcc_support import HeadersMissing, prepare_bcc_environment
 
-        prepare_bcc_environment()
+        headers = prepare_bcc_environment()
+        if not (headers / "include" / "linux").is_dir():
+            raise HeadersMissing(f"BCC_KERNEL_SOURCE={headers} holds no kernel headers")
         from bcc import BPF  # late: importing bcc is only worth it when compiling
 
-        self._bpf = BPF(src_file=str(source).encode())
+        failure: Exception | None = None
+        with _stderr_captured() as captured:
+            try:
+                self._bpf = BPF(src_file=str(source).encode())
+            except Exception as exc:
+                failure = exc
+        if failure is not None:
+            raise CompileError(f"BCC could not compile {source}: {_last_lines(captured)}")
         self._fds: list[int] = []
 
     def load(self, function: str) -> int:
