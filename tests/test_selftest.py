@@ -329,8 +329,8 @@ def daemon(tmp_path: Path, include: str) -> Iterator[int]:
     port = free_port()
     config = tmp_path / "tcprio.yaml"
     config.write_text(DAEMON_CONFIG.format(port=port, include=include))
-    proc = subprocess.Popen([*TCPRIO, "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    log = (tmp_path / "daemon.log").open("w")  # read it when a test fails
+    proc = subprocess.Popen([*TCPRIO, "--config", str(config)], stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -341,6 +341,7 @@ def daemon(tmp_path: Path, include: str) -> Iterator[int]:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+        log.close()
 
 
 def test_conflicts_reach_a_running_daemon_found_on_the_node(tmp_path: Path):
