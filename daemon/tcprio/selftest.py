@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -655,10 +656,24 @@ def run_self_test(
             hooks.after_build(scene)
         _checks(scene, options, settings, node_settings, report)
     finally:
-        _silently(selftest_scene.destroy, scene)
-        _silently(factory.close)
-        report.add(_cleanup_step(scene))
+        with _signals_held():
+            _silently(selftest_scene.destroy, scene)
+            _silently(factory.close)
+            report.add(_cleanup_step(scene))
     return report
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """A second Ctrl-C must not cut the cleanup short: it is delivered once the scene is gone."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _silently(action: Callable, *args: object) -> None:

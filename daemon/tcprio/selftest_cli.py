@@ -19,11 +19,19 @@ COLORS = {Status.OK: "32", Status.FAILED: "1;31", Status.SKIPPED: "33"}
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP: stop like Ctrl-C, removing the scene first."""
+    """Ctrl-C, SIGTERM or SIGHUP: stop, removing the scene first."""
 
 
-def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
-    raise Interrupted(signal.Signals(signum).name)
+class _StopOnce:
+    """Raise Interrupted on the first stop signal only: more Ctrl-Cs must not cut the cleanup."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+
+    def __call__(self, signum: int, _frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            raise Interrupted(self.received)
 
 
 def step_lines(step: StepResult, color: bool) -> list[str]:
@@ -101,19 +109,17 @@ def run_selftest(args: argparse.Namespace) -> int:
         if text:
             print("\n".join(step_lines(step, color)), flush=True)
 
-    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
-    report: SelfTestReport | None = None
+    # Kept until the process ends: a signal arriving after the run must not kill the report.
+    stop = _StopOnce()
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
     try:
         settings = _node_settings(options)
         if text:
             print("tcprio self-test: a throw-away scene in namespaces of its own", flush=True)
-        try:
-            report = run_self_test(options, settings, on_step=show)
-        except KeyboardInterrupt:
-            report = SelfTestReport(0, "", interrupted=True)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        report = run_self_test(options, settings, on_step=show)
+    except KeyboardInterrupt:
+        report = SelfTestReport(0, "", interrupted=True)
     if text:
         print(verdict_line(report))
     else:
