@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from tcprio import bpf_syscalls, selftest_scene
@@ -35,6 +36,7 @@ from tests.kernel import run
 from tests.test_daemon import free_port
 
 TCPRIO = [sys.executable, "-m", "tcprio"]
+SCHEMA = Path(selftest_scene.__file__).parent / "data" / "selftest-schema-v1.json"
 NO_DATADOG = ["--datadog-config", "/nonexistent/system-probe.yaml", "--no-agent-process"]
 
 
@@ -111,6 +113,7 @@ def test_self_test_passes_on_this_machine_and_leaves_nothing():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
+    jsonschema.validate(report, json.loads(SCHEMA.read_text()))
     assert report["schema"] == "tcprio.self-test" and report["ok"] is True
     statuses = {s["name"]: s["status"] for s in report["steps"]}
     skipped = {name for name, status in statuses.items() if status == "skipped"}
@@ -287,6 +290,22 @@ def test_an_interrupted_run_cleans_up(signum: int):
             "Self test: FAILED (interrupted; the scene was removed)"
         )
     assert_nothing_left(before)
+
+
+def test_an_interrupted_run_says_so_in_json():
+    with selftest_process("--format", "json") as proc:
+        wait_for_scene(proc)
+        proc.send_signal(signal.SIGINT)
+        out, _err = proc.communicate(timeout=60)
+    report = json.loads(out)
+    jsonschema.validate(report, json.loads(SCHEMA.read_text()))
+    assert report["interrupted"] is True and report["ok"] is False
+    assert report["classifier_priority"] == 10
+    names = [s["name"] for s in report["steps"]]
+    assert names[:2] == ["leftovers of earlier runs", "compiles the classifiers"]
+    assert names[-1] == "leaves nothing behind"
+    assert report["steps"][-1]["status"] == "ok"
+    assert proc.returncode == 130
 
 
 def test_a_killed_run_is_cleaned_up_by_the_next_one():

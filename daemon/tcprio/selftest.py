@@ -628,30 +628,38 @@ def run_self_test(
     hooks: SelfTestHooks | None = None,
     on_step: Callable[[StepResult], None] | None = None,
 ) -> SelfTestReport:
-    """Every step, in order. KeyboardInterrupt (Ctrl-C, or SIGTERM made into one by the caller)
-    still removes the scene, then propagates."""
+    """Every step, in order. A KeyboardInterrupt (Ctrl-C, or a stop signal made into one by the
+    caller) removes the scene and ends the run: the report says `interrupted`."""
     settings = selftest_settings(node_settings, options.classifier_priority)
     priority = int(settings.classifier_priority.value)  # type: ignore[call-overload]
     report = SelfTestReport(priority, settings.classifier_priority.source, on_step=on_step)
+    try:
+        _run_steps(report, options, settings, node_settings, hooks)
+    except KeyboardInterrupt:
+        report.interrupted = True
+    return report
+
+
+def _run_steps(report: SelfTestReport, options: SelfTestOptions, settings: DatadogSettings,
+               node_settings: DatadogSettings, hooks: SelfTestHooks | None) -> None:  # fmt: skip
     report.add(_leftovers_step())
     try:
         factory = selftest_scene.ProgramFactory()
     except Exception as exc:
         report.add(_compile_failure(exc))
         report.add(*_skipped_after("the classifiers could not be compiled", LATER_STEPS))
-        return report
+        return
     report.add(
         StepResult("compiles the classifiers", Status.OK, f"{selftest_scene.CLASSIFIERS_C}, BCC")
     )
-    node_ns, pod_ns = selftest_scene.namespace_names(os.getpid())
-    scene = Scene(os.getpid(), node_ns, pod_ns)
+    scene = Scene(os.getpid(), *selftest_scene.namespace_names(os.getpid()))
     try:
         try:
-            report.add(build_scene(scene, factory, priority))
+            report.add(build_scene(scene, factory, report.classifier_priority))
         except (SceneError, OSError) as exc:
             report.add(StepResult("builds the scene", Status.FAILED, str(exc)))
             report.add(*_skipped_after("the scene could not be built", LATER_STEPS))
-            return report
+            return
         if hooks is not None and hooks.after_build is not None:
             hooks.after_build(scene)
         _checks(scene, options, settings, node_settings, report)
@@ -660,7 +668,6 @@ def run_self_test(
             _silently(selftest_scene.destroy, scene)
             _silently(factory.close)
             report.add(_cleanup_step(scene))
-    return report
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
