@@ -14,6 +14,7 @@ from tcprio import __version__
 from tcprio.model import (
     Classifier,
     Conflict,
+    DatadogSettings,
     HookKind,
     HookReport,
     Interface,
@@ -168,8 +169,8 @@ def _program_json(info: ProgramInfo, verdicts: ProgramVerdicts | None) -> dict[s
     }
 
 
-def _datadog_json(scan: Scan) -> dict[str, Any]:
-    dd = scan.datadog
+def datadog_json(dd: DatadogSettings) -> dict[str, Any]:
+    """The effective Datadog network settings, each with its value and source."""
     return {
         "network_enabled": _setting(dd.enabled),
         "classifier_priority": _setting(dd.classifier_priority),
@@ -204,7 +205,7 @@ def scan_json(scan: Scan) -> dict[str, Any]:
         "duration_seconds": round(scan.duration_s, 6),
         "exit_status": exit_status(scan),
         "summary": _summary(scan),
-        "datadog": _datadog_json(scan),
+        "datadog": datadog_json(scan.datadog),
         "recommended_classifier_priority": scan.result.recommended_priority,
         "recommendation": scan.result.recommendation_note,
         "notes": list(scan.result.notes),
