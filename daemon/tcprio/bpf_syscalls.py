@@ -960,7 +960,8 @@ def prog_load_tracing(
 
 # --- kernel helper names ---------------------------------------------------------------------
 
-_TEXT_SYMBOL = re.compile(r"^([0-9a-f]{16}) [tT] (\S+)", re.MULTILINE)
+# A text symbol that `may_be_helper` keeps; a module's symbol ends with "\t[module]".
+_HELPER_SYMBOL = re.compile(r"([0-9a-f]{16}) [tT] ((?:__)?bpf_\S*|\S*_elem|\S*_map_\S*)(?:\t|$)")
 _CALL_BASE = re.compile(r"^([0-9a-f]{16}) \w __bpf_call_base$", re.MULTILINE)
 _IMM_RANGE = 1 << 31
 
@@ -975,7 +976,9 @@ def load_helper_symbols(path: str = "/proc/kallsyms") -> dict[int, str]:
     if base == 0:
         return {}
     # filter while matching: a list of all ~120,000 symbols would cost ~25 MiB for a moment
-    symbols = [m.groups() for m in _TEXT_SYMBOL.finditer(text) if may_be_helper(m.group(2))]
+    # A substring test first: running the regex over all ~120,000 lines costs twice as much.
+    lines = [ln for ln in text.split("\n") if "bpf_" in ln or "_elem" in ln or "_map_" in ln]
+    symbols = [m.groups() for m in map(_HELPER_SYMBOL.match, lines) if m is not None]
     # One bulk hex decode instead of 120,000 int(x, 16) calls: about twice as fast.
     addresses = array("Q", binascii.unhexlify("".join(address for address, _ in symbols)))
     if sys.byteorder == "little":

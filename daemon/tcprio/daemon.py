@@ -586,6 +586,8 @@ class Daemon:
             links = self.link_ids
         if links != self.link_ids:
             changed = self._tcx_hooks_changed(links)
+            self.log("debug", "bpf links changed", appeared=sorted(links - self.link_ids),
+                     went=sorted(self.link_ids - links), tcx=[c[0] for c in changed])  # fmt: skip
             self.link_ids = links
             self._mark_tcx_hooks(changed)
         self._refresh_run_stats()

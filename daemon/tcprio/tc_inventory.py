@@ -1,25 +1,16 @@
 """Read the tc state of one network namespace: clsact / ingress qdiscs, their filters, tcx links.
 
-Netlink goes through pyroute2. pyroute2 0.9.7 does not decode a few attributes tcprio needs
-(TCA_CHAIN, and cls_bpf's TCA_BPF_ID, TCA_BPF_TAG, TCA_BPF_FLAGS_GEN), so the message classes
-below extend its tables. Everything here is read-only.
+Netlink goes through `rtnetlink` (a socket opened in the namespace, three kinds of dump);
+tcx through `bpf_syscalls`. Everything here is read-only.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import socket
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
-from typing import Any
 
-from pyroute2 import IPRoute
-from pyroute2.netlink import rtnl
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl.tcmsg import sched_bpf, tcmsg
-
-from tcprio import bpf_syscalls
+from tcprio import bpf_syscalls, rtnetlink
 from tcprio.model import (
     Direction,
     HookInventory,
@@ -30,122 +21,53 @@ from tcprio.model import (
     TcxEntry,
 )
 from tcprio.namespaces import NamespaceGone, entered
+from tcprio.rtnetlink import FilterMessage, NetlinkError, RtnlSocket
 
 TC_H_CLSACT = 0xFFFFFFF1  # also TC_H_INGRESS: the parent of both clsact and ingress qdiscs
 PARENT_BY_DIRECTION = {Direction.INGRESS: 0xFFFFFFF2, Direction.EGRESS: 0xFFFFFFF3}
 TCA_BPF_FLAG_ACT_DIRECT = 1
-
-# pyroute2 caches a compiled attribute table per class under this mangled name; a subclass with
-# a longer nla_map must reset it, or it silently keeps using its parent's table.
-_COMPILED_FLAG = "_nlmsg_base__compiled_nla"
-
-
-class _BpfOptions(sched_bpf.options):
-    nla_map = (
-        *sched_bpf.options.nla_map,
-        ("TCA_BPF_FLAGS_GEN", "uint32"),
-        ("TCA_BPF_TAG", "hex"),
-        ("TCA_BPF_ID", "uint32"),
-    )
-
-
-class _TcMsg(tcmsg):
-    nla_map = (
-        *tcmsg.nla_map,
-        ("TCA_PAD", "hex"),
-        ("TCA_DUMP_INVISIBLE", "flag"),
-        ("TCA_CHAIN", "uint32"),
-        ("TCA_HW_OFFLOAD", "uint8"),
-        ("TCA_INGRESS_BLOCK", "uint32"),
-        ("TCA_EGRESS_BLOCK", "uint32"),
-    )
-
-    @staticmethod
-    def get_options(self: Any, *argv: Any, **kwarg: Any) -> Any:
-        if self.get_attr("TCA_KIND") == "bpf":
-            return _BpfOptions
-        return tcmsg.get_options(self, *argv, **kwarg)
-
-
-setattr(_BpfOptions, _COMPILED_FLAG, False)
-setattr(_TcMsg, _COMPILED_FLAG, False)
 
 
 class ReadError(Exception):
     """Reading a namespace's tc state failed for a reason other than it vanishing."""
 
 
-@contextlib.contextmanager
-def rtnl_socket() -> Iterator[IPRoute]:
-    """A pyroute2 socket in the calling thread's namespace, decoding the extra tc attributes."""
-    ipr = IPRoute()
-    try:
-        ipr.marshal.msg_map = {
-            **ipr.marshal.msg_map,
-            rtnl.RTM_NEWTFILTER: _TcMsg,
-            rtnl.RTM_NEWQDISC: _TcMsg,
-        }
-        yield ipr
-    finally:
-        ipr.close()
-
-
-def _hex_tag(raw: str | None) -> str | None:
-    return raw.replace(":", "").lower() if raw else None
-
-
-def _action_kinds(options: Any) -> tuple[str, ...]:
-    """Kinds of the actions attached to a filter (any *_ACT attribute of its options)."""
-    kinds: list[str] = []
-    for name, value in options.get("attrs", []):
-        if not name.endswith("_ACT") or not hasattr(value, "get"):
-            continue
-        for _prio, action in value.get("attrs", []):
-            kind = action.get_attr("TCA_ACT_KIND") if hasattr(action, "get_attr") else None
-            if kind:
-                kinds.append(kind)
-    return tuple(kinds)
-
-
-def _is_filter_entry(kind: str, handle: int, options: Any) -> bool:
+def _is_filter_entry(msg: FilterMessage) -> bool:
     """Dumps also list each classifier instance (handle 0, no options) and u32 hash tables."""
-    if options is None or not hasattr(options, "get_attr"):
-        return handle != 0
-    return not (kind == "u32" and options.get_attr("TCA_U32_DIVISOR") is not None)
+    if msg.options is None:
+        return msg.handle != 0
+    return not (msg.kind == "u32" and rtnetlink.TCA_U32_DIVISOR in msg.options)
 
 
-def filter_from_message(msg: Any, position: int) -> TcFilter | None:
-    kind = msg.get_attr("TCA_KIND") or "?"
-    handle = msg["handle"]
-    options = msg.get_attr("TCA_OPTIONS")
-    if not _is_filter_entry(kind, handle, options):
+def filter_from_message(msg: FilterMessage, position: int) -> TcFilter | None:
+    if not _is_filter_entry(msg):
         return None
-    info = msg["info"]
+    kind = msg.kind or "?"
+    options = msg.options or {}
     common = {
         "kind": kind,
-        "chain": msg.get_attr("TCA_CHAIN") or 0,
-        "priority": info >> 16,
-        "handle": handle,
-        "protocol": socket.ntohs(info & 0xFFFF),
+        "chain": msg.chain or 0,
+        "priority": msg.priority,
+        "handle": msg.handle,
+        "protocol": msg.protocol,
         "position": position,
+        "classid": rtnetlink.classid(options, kind),
+        "actions": rtnetlink.action_kinds(options, kind),
     }
-    if kind != "bpf" or not hasattr(options, "get_attr"):
-        classid = options.get_attr("TCA_U32_CLASSID") if hasattr(options, "get_attr") else None
-        actions = _action_kinds(options) if hasattr(options, "get") else ()
-        return TcFilter(**common, classid=classid, actions=actions)
-    flags = options.get_attr("TCA_BPF_FLAGS") or 0
+    if kind != "bpf" or msg.options is None:
+        return TcFilter(**common)
+    flags = rtnetlink.as_u32(options.get(rtnetlink.TCA_BPF_FLAGS)) or 0
+    tag = options.get(rtnetlink.TCA_BPF_TAG)
     return TcFilter(
         **common,
         direct_action=bool(flags & TCA_BPF_FLAG_ACT_DIRECT),
-        name=options.get_attr("TCA_BPF_NAME"),
-        prog_id=options.get_attr("TCA_BPF_ID"),
-        tag=_hex_tag(options.get_attr("TCA_BPF_TAG")),
-        classid=options.get_attr("TCA_BPF_CLASSID"),
-        actions=_action_kinds(options),
+        name=rtnetlink.as_str(options.get(rtnetlink.TCA_BPF_NAME)),
+        prog_id=rtnetlink.as_u32(options.get(rtnetlink.TCA_BPF_ID)),
+        tag=bytes(tag).hex() if tag is not None else None,
     )
 
 
-def filters_from_messages(messages: Iterable[Any]) -> tuple[TcFilter, ...]:
+def filters_from_messages(messages: Iterable[FilterMessage]) -> tuple[TcFilter, ...]:
     filters: list[TcFilter] = []
     for msg in messages:
         parsed = filter_from_message(msg, len(filters))
@@ -154,14 +76,13 @@ def filters_from_messages(messages: Iterable[Any]) -> tuple[TcFilter, ...]:
     return tuple(filters)
 
 
-def _hook_qdiscs(ipr: IPRoute) -> dict[int, str]:
+def _hook_qdiscs(rtnl: RtnlSocket) -> dict[int, str]:
     """ifindex -> "clsact" or "ingress", for every interface that has one of them."""
-    found: dict[int, str] = {}
-    for msg in ipr.get_qdiscs():
-        kind = msg.get_attr("TCA_KIND")
-        if msg["parent"] == TC_H_CLSACT and kind in ("clsact", "ingress"):
-            found[msg["index"]] = kind
-    return found
+    return {
+        q.ifindex: q.kind
+        for q in rtnl.qdiscs()
+        if q.parent == TC_H_CLSACT and q.kind in ("clsact", "ingress")
+    }
 
 
 def _read_tcx(ifindex: int, direction: Direction) -> tuple[tuple[TcxEntry, ...], str | None]:
@@ -176,41 +97,35 @@ def _read_tcx(ifindex: int, direction: Direction) -> tuple[tuple[TcxEntry, ...],
 
 
 def _read_hook(
-    ipr: IPRoute, ifindex: int, qdisc: str | None, direction: Direction
+    rtnl: RtnlSocket, ifindex: int, qdisc: str | None, direction: Direction
 ) -> HookInventory:
     hook_qdisc = qdisc if (qdisc == "clsact" or direction is Direction.INGRESS) else None
     tcx, error = _read_tcx(ifindex, direction)
     filters: tuple[TcFilter, ...] = ()
     if hook_qdisc is not None:
         try:
-            messages = ipr.get_filters(index=ifindex, parent=PARENT_BY_DIRECTION[direction])
-            filters = filters_from_messages(messages)
+            filters = filters_from_messages(rtnl.filters(ifindex, PARENT_BY_DIRECTION[direction]))
         except NetlinkError as exc:
-            if exc.code != errno.ENODEV:
+            if exc.errno != errno.ENODEV:
                 error = f"filter dump failed: {exc}"
     return HookInventory(
         direction=direction, qdisc=hook_qdisc, filters=filters, tcx=tcx, error=error
     )
 
 
-def _links(ipr: IPRoute) -> list[tuple[int, str, str | None]]:
-    links = []
-    for msg in ipr.get_links():
-        kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
-        links.append((msg["index"], msg.get_attr("IFLA_IFNAME") or f"if{msg['index']}", kind))
-    return links
-
-
 def read_current_namespace(ns: NetNamespace) -> NamespaceInventory:
     """The tc inventory of the namespace the calling thread is in (labelled as `ns`)."""
-    with rtnl_socket() as ipr:
-        qdiscs = _hook_qdiscs(ipr)
+    with RtnlSocket() as rtnl:
+        qdiscs = _hook_qdiscs(rtnl)
         interfaces = []
-        for ifindex, ifname, kind in _links(ipr):
+        for link in rtnl.links():
             hooks = tuple(
-                _read_hook(ipr, ifindex, qdiscs.get(ifindex), direction) for direction in Direction
+                _read_hook(rtnl, link.ifindex, qdiscs.get(link.ifindex), direction)
+                for direction in Direction
             )
-            interfaces.append(Interface(ifindex=ifindex, name=ifname, kind=kind, hooks=hooks))
+            interfaces.append(
+                Interface(ifindex=link.ifindex, name=link.name, kind=link.kind, hooks=hooks)
+            )
     return NamespaceInventory(namespace=ns, interfaces=tuple(interfaces))
 
 
@@ -221,8 +136,8 @@ def read_namespace(ns: NetNamespace) -> NamespaceInventory | None:
             return read_current_namespace(ns)
     except NamespaceGone:
         return None
-    except (NetlinkError, OSError) as exc:
-        if isinstance(exc, NetlinkError) and exc.code in (errno.ENODEV, errno.ENOENT):
+    except OSError as exc:
+        if isinstance(exc, NetlinkError) and exc.errno in (errno.ENODEV, errno.ENOENT):
             return None
         return NamespaceInventory(namespace=ns, interfaces=(), error=f"{type(exc).__name__}: {exc}")
 
@@ -235,10 +150,10 @@ def _interface_qdisc(interface: Interface) -> str | None:
     return next((h.qdisc for h in interface.hooks if h.direction is Direction.INGRESS), None)
 
 
-def _refreshed(ipr: IPRoute, interface: Interface, directions: set[Direction]) -> Interface:
+def _refreshed(rtnl: RtnlSocket, interface: Interface, directions: set[Direction]) -> Interface:
     qdisc = _interface_qdisc(interface)
     hooks = tuple(
-        _read_hook(ipr, interface.ifindex, qdisc, h.direction) if h.direction in directions else h
+        _read_hook(rtnl, interface.ifindex, qdisc, h.direction) if h.direction in directions else h
         for h in interface.hooks
     )
     return replace(interface, hooks=hooks)
@@ -252,9 +167,9 @@ def refresh_hooks(old: NamespaceInventory, targets: Targets) -> NamespaceInvento
     namespace vanished.
     """
     try:
-        with entered(old.namespace), rtnl_socket() as ipr:
+        with entered(old.namespace), RtnlSocket() as rtnl:
             interfaces = tuple(
-                _refreshed(ipr, i, targets[i.ifindex]) if i.ifindex in targets else i
+                _refreshed(rtnl, i, targets[i.ifindex]) if i.ifindex in targets else i
                 for i in old.interfaces
             )
     except NamespaceGone:

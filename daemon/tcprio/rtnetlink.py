@@ -1,0 +1,276 @@
+"""A small, read-only rtnetlink client for the scan's hot path: link, qdisc and filter dumps.
+
+pyroute2 decodes every attribute of every message into objects through an asyncio core: about
+5 ms per namespace, most of a node scan. tcprio needs a dozen attributes, so this module asks the
+kernel directly over a NETLINK_ROUTE socket and unpacks only those with `struct`. The socket is
+created in the calling thread's network namespace and stays bound to it. Writes (the self-test,
+the tests, the benchmarks) still go through pyroute2; the tests cross-check both readers and
+`tc -j` on the same kernel state.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+NETLINK_ROUTE = 0
+RTM_GETLINK, RTM_NEWLINK = 18, 16
+RTM_GETQDISC, RTM_NEWQDISC = 38, 36
+RTM_GETTFILTER, RTM_NEWTFILTER = 46, 44
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x2, 0x300, 0x10
+NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
+
+IFLA_IFNAME, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 18, 1
+IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS = 29, 1 << 3
+TCA_KIND, TCA_OPTIONS, TCA_CHAIN = 1, 2, 11
+TCA_BPF_CLASSID, TCA_BPF_NAME, TCA_BPF_FLAGS, TCA_BPF_TAG, TCA_BPF_ID = 3, 7, 8, 10, 11
+TCA_BPF_ACT = 1
+TCA_U32_DIVISOR = 4
+TCA_ACT_KIND = 1
+
+# Per classifier kind: (attribute holding the class id, attribute holding the actions), from
+# the kernel's include/uapi/linux/pkt_cls.h.
+KIND_ATTRS: dict[str, tuple[int | None, int | None]] = {
+    "bpf": (TCA_BPF_CLASSID, TCA_BPF_ACT),
+    "u32": (1, 7),
+    "flower": (1, 3),
+    "matchall": (1, 2),
+    "basic": (1, 3),
+    "fw": (1, 4),
+    "route": (1, 6),
+    "cgroup": (None, 1),
+}
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_NLATTR = struct.Struct("=HH")
+_IFINFOMSG = struct.Struct("=BxHiII")
+_TCMSG = struct.Struct("=BxxxiIII")
+_U32 = struct.Struct("=I")
+RECV_BUFFER = 1 << 16
+MAX_DUMP_RETRIES = 5
+
+
+class NetlinkError(OSError):
+    """The kernel answered a request with an error (errno and strerror set)."""
+
+
+class DumpInterrupted(NetlinkError):
+    """The kernel's state changed during a dump too many times in a row."""
+
+
+def _align(length: int) -> int:
+    return (length + 3) & ~3
+
+
+def parse_attrs(
+    data: bytes | memoryview, offset: int = 0, end: int | None = None
+) -> dict[int, memoryview]:
+    """Netlink attributes between offset and end: type -> payload (the first of each type)."""
+    view = memoryview(data)
+    end = len(view) if end is None else end
+    attrs: dict[int, memoryview] = {}
+    while offset + _NLATTR.size <= end:
+        length, kind = _NLATTR.unpack_from(view, offset)
+        if length < _NLATTR.size or offset + length > end:
+            break  # truncated: keep what was whole
+        attrs.setdefault(kind & NLA_TYPE_MASK, view[offset + _NLATTR.size : offset + length])
+        offset += _align(length)
+    return attrs
+
+
+def attr_list(data: bytes | memoryview) -> list[tuple[int, memoryview]]:
+    """All attributes in order (for nested lists such as actions, whose type is an index)."""
+    view = memoryview(data)
+    found = []
+    offset = 0
+    while offset + _NLATTR.size <= len(view):
+        length, kind = _NLATTR.unpack_from(view, offset)
+        if length < _NLATTR.size or offset + length > len(view):
+            break
+        found.append((kind & NLA_TYPE_MASK, view[offset + _NLATTR.size : offset + length]))
+        offset += _align(length)
+    return found
+
+
+def as_str(payload: memoryview | None) -> str | None:
+    if payload is None:
+        return None
+    return bytes(payload).split(b"\0", 1)[0].decode(errors="replace")
+
+
+def as_u32(payload: memoryview | None) -> int | None:
+    if payload is None or len(payload) < 4:
+        return None
+    return _U32.unpack_from(payload)[0]
+
+
+@dataclass(frozen=True)
+class Link:
+    ifindex: int
+    name: str
+    kind: str | None
+
+
+@dataclass(frozen=True)
+class Qdisc:
+    ifindex: int
+    handle: int
+    parent: int
+    kind: str | None
+
+
+@dataclass(frozen=True)
+class FilterMessage:
+    """One RTM_NEWTFILTER message, with the attributes tcprio reads already unpacked."""
+
+    ifindex: int
+    handle: int
+    parent: int
+    info: int  # priority << 16 | protocol (network order)
+    kind: str | None
+    chain: int | None
+    options: dict[int, memoryview] | None
+
+    @property
+    def priority(self) -> int:
+        return self.info >> 16
+
+    @property
+    def protocol(self) -> int:
+        return socket.ntohs(self.info & 0xFFFF)
+
+
+class RtnlSocket:
+    """A NETLINK_ROUTE socket in the calling thread's current network namespace."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE
+        )
+        self._sock.bind((0, 0))
+        self._seq = 0
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> RtnlSocket:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _send(self, msg_type: int, body: bytes) -> int:
+        self._seq += 1
+        header = _NLMSGHDR.pack(
+            _NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, self._seq, 0
+        )
+        self._sock.send(header + body)
+        return self._seq
+
+    def _replies(self, seq: int) -> Iterator[tuple[int, int, memoryview]]:
+        """(type, flags, body) of each reply to request `seq`, until NLMSG_DONE."""
+        while True:
+            data = memoryview(self._sock.recv(RECV_BUFFER))
+            offset = 0
+            while offset + _NLMSGHDR.size <= len(data):
+                length, msg_type, flags, msg_seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+                if length < _NLMSGHDR.size or offset + length > len(data):
+                    raise NetlinkError(errno.EBADMSG, "truncated netlink message")
+                body = data[offset + _NLMSGHDR.size : offset + length]
+                offset += _align(length)
+                if msg_seq != seq:
+                    continue  # an answer to an older request
+                if msg_type == NLMSG_DONE:
+                    if flags & NLM_F_DUMP_INTR:
+                        raise DumpInterrupted(errno.EAGAIN, "dump interrupted")
+                    return
+                if msg_type == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", body)[0]
+                    if code == 0:
+                        return
+                    raise NetlinkError(code, os.strerror(code))
+                yield msg_type, flags, body
+
+    def dump(self, msg_type: int, body: bytes) -> list[tuple[int, memoryview]]:
+        """Every message of a dump; retried when the kernel says the state changed meanwhile."""
+        for _ in range(MAX_DUMP_RETRIES):
+            seq = self._send(msg_type, body)
+            try:
+                return [(t, b) for t, _flags, b in self._replies(seq)]
+            except DumpInterrupted:
+                continue
+        raise DumpInterrupted(errno.EAGAIN, f"dump of type {msg_type} kept changing")
+
+    # --- the three dumps tcprio needs ------------------------------------------------------
+
+    def links(self) -> list[Link]:
+        ext_mask = _NLATTR.pack(8, IFLA_EXT_MASK) + _U32.pack(RTEXT_FILTER_SKIP_STATS)
+        request = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + ext_mask
+        found = []
+        for msg_type, body in self.dump(RTM_GETLINK, request):
+            if msg_type != RTM_NEWLINK or len(body) < _IFINFOMSG.size:
+                continue
+            _family, _type, ifindex, _flags, _change = _IFINFOMSG.unpack_from(body)
+            attrs = parse_attrs(body, _IFINFOMSG.size)
+            info = attrs.get(IFLA_LINKINFO)
+            kind = as_str(parse_attrs(info).get(IFLA_INFO_KIND)) if info is not None else None
+            found.append(Link(ifindex, as_str(attrs.get(IFLA_IFNAME)) or f"if{ifindex}", kind))
+        return found
+
+    def qdiscs(self) -> list[Qdisc]:
+        request = _TCMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+        found = []
+        for msg_type, body in self.dump(RTM_GETQDISC, request):
+            if msg_type != RTM_NEWQDISC or len(body) < _TCMSG.size:
+                continue
+            _family, ifindex, handle, parent, _info = _TCMSG.unpack_from(body)
+            kind = as_str(parse_attrs(body, _TCMSG.size).get(TCA_KIND))
+            found.append(Qdisc(ifindex, handle, parent, kind))
+        return found
+
+    def filters(self, ifindex: int, parent: int) -> list[FilterMessage]:
+        """The filters of one hook, in the kernel's dump order (every chain)."""
+        request = _TCMSG.pack(socket.AF_UNSPEC, ifindex, 0, parent, 0)
+        found = []
+        for msg_type, body in self.dump(RTM_GETTFILTER, request):
+            if msg_type != RTM_NEWTFILTER or len(body) < _TCMSG.size:
+                continue
+            _family, index, handle, msg_parent, info = _TCMSG.unpack_from(body)
+            attrs = parse_attrs(body, _TCMSG.size)
+            options = attrs.get(TCA_OPTIONS)
+            found.append(
+                FilterMessage(
+                    ifindex=index,
+                    handle=handle,
+                    parent=msg_parent,
+                    info=info,
+                    kind=as_str(attrs.get(TCA_KIND)),
+                    chain=as_u32(attrs.get(TCA_CHAIN)),
+                    options=parse_attrs(options) if options is not None else None,
+                )
+            )
+        return found
+
+
+def action_kinds(options: dict[int, memoryview], kind: str) -> tuple[str, ...]:
+    """Kinds of the actions attached to a filter, in order ("mirred", "gact", ...)."""
+    act_attr = KIND_ATTRS.get(kind, (None, None))[1]
+    actions = options.get(act_attr) if act_attr is not None else None
+    if actions is None:
+        return ()
+    kinds = []
+    for _index, action in sorted(attr_list(actions), key=lambda item: item[0]):
+        name = as_str(parse_attrs(action).get(TCA_ACT_KIND))
+        if name:
+            kinds.append(name)
+    return tuple(kinds)
+
+
+def classid(options: dict[int, memoryview], kind: str) -> int | None:
+    attr = KIND_ATTRS.get(kind, (None, None))[0]
+    return as_u32(options.get(attr)) if attr is not None else None
