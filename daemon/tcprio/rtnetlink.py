@@ -51,6 +51,9 @@ _NLATTR = struct.Struct("=HH")
 _IFINFOMSG = struct.Struct("=BxHiII")
 _TCMSG = struct.Struct("=BxxxiIII")
 _U32 = struct.Struct("=I")
+_LINK_ATTRS = frozenset({IFLA_IFNAME, IFLA_LINKINFO})
+_KIND_ONLY = frozenset({TCA_KIND})
+_FILTER_ATTRS = frozenset({TCA_KIND, TCA_OPTIONS, TCA_CHAIN})
 RECV_BUFFER = 1 << 16
 MAX_DUMP_RETRIES = 5
 
@@ -68,18 +71,25 @@ def _align(length: int) -> int:
 
 
 def parse_attrs(
-    data: bytes | memoryview, offset: int = 0, end: int | None = None
+    data: bytes | memoryview, offset: int = 0, wanted: frozenset[int] | None = None
 ) -> dict[int, memoryview]:
-    """Netlink attributes between offset and end: type -> payload (the first of each type)."""
+    """Netlink attributes from `offset` on: type -> payload (the first of each type).
+
+    With `wanted`, only those types are kept and the walk stops once all are found (a link
+    message carries some fifty attributes; tcprio reads two)."""
     view = memoryview(data)
-    end = len(view) if end is None else end
+    end = len(view)
     attrs: dict[int, memoryview] = {}
-    while offset + _NLATTR.size <= end:
+    while offset + 4 <= end:
         length, kind = _NLATTR.unpack_from(view, offset)
-        if length < _NLATTR.size or offset + length > end:
+        if length < 4 or offset + length > end:
             break  # truncated: keep what was whole
-        attrs.setdefault(kind & NLA_TYPE_MASK, view[offset + _NLATTR.size : offset + length])
-        offset += _align(length)
+        kind &= NLA_TYPE_MASK
+        if (wanted is None or kind in wanted) and kind not in attrs:
+            attrs[kind] = view[offset + 4 : offset + length]
+            if wanted is not None and len(attrs) == len(wanted):
+                break
+        offset += (length + 3) & ~3
     return attrs
 
 
@@ -216,7 +226,7 @@ class RtnlSocket:
             if msg_type != RTM_NEWLINK or len(body) < _IFINFOMSG.size:
                 continue
             _family, _type, ifindex, _flags, _change = _IFINFOMSG.unpack_from(body)
-            attrs = parse_attrs(body, _IFINFOMSG.size)
+            attrs = parse_attrs(body, _IFINFOMSG.size, _LINK_ATTRS)
             info = attrs.get(IFLA_LINKINFO)
             kind = as_str(parse_attrs(info).get(IFLA_INFO_KIND)) if info is not None else None
             found.append(Link(ifindex, as_str(attrs.get(IFLA_IFNAME)) or f"if{ifindex}", kind))
@@ -229,7 +239,7 @@ class RtnlSocket:
             if msg_type != RTM_NEWQDISC or len(body) < _TCMSG.size:
                 continue
             _family, ifindex, handle, parent, _info = _TCMSG.unpack_from(body)
-            kind = as_str(parse_attrs(body, _TCMSG.size).get(TCA_KIND))
+            kind = as_str(parse_attrs(body, _TCMSG.size, _KIND_ONLY).get(TCA_KIND))
             found.append(Qdisc(ifindex, handle, parent, kind))
         return found
 
@@ -241,7 +251,7 @@ class RtnlSocket:
             if msg_type != RTM_NEWTFILTER or len(body) < _TCMSG.size:
                 continue
             _family, index, handle, msg_parent, info = _TCMSG.unpack_from(body)
-            attrs = parse_attrs(body, _TCMSG.size)
+            attrs = parse_attrs(body, _TCMSG.size, _FILTER_ATTRS)
             options = attrs.get(TCA_OPTIONS)
             found.append(
                 FilterMessage(
