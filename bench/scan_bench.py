@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import json
 import os
@@ -85,8 +86,13 @@ def tcprio_scan(glob: str) -> dict:
 
 
 def enumerate_topology(glob_prefix: str) -> list:
-    found = [ns for ns in discover_namespaces() if ns.name.startswith(glob_prefix)]
-    inventories, _vanished = enumerate_namespaces(found)
+    """Discovery and inventory, with the cyclic GC off as `tcprio --scan` runs them."""
+    gc.disable()
+    try:
+        found = [ns for ns in discover_namespaces() if ns.name.startswith(glob_prefix)]
+        inventories, _vanished = enumerate_namespaces(found)
+    finally:
+        gc.enable()
     return inventories
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import gc
 import json
 import sys
 from collections.abc import Sequence
@@ -104,6 +105,9 @@ def run_scan_command(args: argparse.Namespace) -> int:
     from tcprio.report import exit_status, render_text, scan_json
     from tcprio.scan import run_scan
 
+    # A one-shot process: reference counting frees what the scan drops, and the cyclic
+    # collector only walks the growing inventory over and over (~15% of a scan at N=800).
+    gc.disable()
     files = [Path(f) for f in args.datadog_config] if args.datadog_config else DEFAULT_FILES
     settings = resolve_settings(files=files, scan_processes=not args.no_agent_process)
     for error in settings.errors:
