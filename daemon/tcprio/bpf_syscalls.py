@@ -1004,8 +1004,20 @@ def may_be_helper(name: str) -> bool:
 
 @functools.cache
 def helper_symbols() -> dict[int, str]:
-    """`load_helper_symbols()` of this machine, read once per process."""
-    return load_helper_symbols()
+    """`load_helper_symbols()` of this machine, read once per process, and kept across
+    processes until the next reboot or module change (`helper_cache`)."""
+    from tcprio import helper_cache
+
+    fingerprint = helper_cache.kernel_fingerprint()
+    if fingerprint is None:
+        return load_helper_symbols()
+    cached = helper_cache.read_cache(fingerprint)
+    if cached is not None:
+        return cached
+    helpers = load_helper_symbols()
+    if helpers:  # {} means kallsyms hid the addresses: try again next time
+        helper_cache.write_cache(fingerprint, helpers)
+    return helpers
 
 
 def helper_name(imm: int) -> str | None:
