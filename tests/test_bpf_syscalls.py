@@ -379,9 +379,11 @@ def test_helper_symbols_from_a_kallsyms_file(tmp_path: Path) -> None:
         "ffffffff81400300 t htab_map_lookup_elem\n"
         "ffffffffa0001000 t bpf_mod_helper\t[some_module]\n"
         "ffffffffa0002000 t mod_function\t[some_module]\n"
+        "ffffffffa0003000 t bpf_prog_2aed119664f951ed_term_ok\t[bpf]\n"
         "0000000000001000 T bpf_far_away\n"
     )
-    # only names a helper call can be (bpf_*, map operations) are kept, within imm's reach
+    # only names a helper call can be (bpf_*, map operations) are kept, within imm's reach;
+    # JIT-ed programs ([bpf]) are not helpers
     assert bpf_syscalls.load_helper_symbols(str(kallsyms)) == {
         0: "__bpf_call_base",
         0x100: "bpf_redirect",

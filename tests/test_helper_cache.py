@@ -53,6 +53,7 @@ def test_written_cache_reads_back_private_to_root(tmp_path: Path):
         lambda path: path.write_text(json.dumps({"fingerprint": "fp", "helpers": ["x"]})),
         lambda path: path.write_text(json.dumps({"fingerprint": "fp", "helpers": {"x": "y"}})),
         lambda path: path.write_text(json.dumps(["fp"])),
+        lambda path: path.write_text(json.dumps({"fingerprint": "fp", "helpers": {"1": "x"}})),
         lambda path: path.unlink() or path.mkdir(),
     ],
 )
@@ -69,7 +70,11 @@ def test_a_cache_that_cannot_be_written_is_not_an_error(tmp_path: Path):
     assert read_cache("fp", blocked) is None
 
 
-def test_helper_symbols_with_the_cache_equal_a_fresh_read_of_kallsyms():
+def test_helper_symbols_with_the_cache_equal_a_fresh_read_of_kallsyms(classifier_programs):
+    """With programs loaded, kallsyms lists their JIT images ("[bpf]"): they come and go with
+    every load, are never a helper, and must not make a cached read differ from a fresh one."""
+    jited = Path("/proc/kallsyms").read_text().count("\t[bpf]")
+    assert jited > 0 or not _jit_on(), "the test programs should show in kallsyms"
     bpf_syscalls.helper_symbols.cache_clear()
     try:
         first = bpf_syscalls.helper_symbols()  # from the cache or from kallsyms (then cached)
@@ -80,3 +85,10 @@ def test_helper_symbols_with_the_cache_equal_a_fresh_read_of_kallsyms():
         assert "bpf_redirect" in first.values()
     finally:
         bpf_syscalls.helper_symbols.cache_clear()
+
+
+def _jit_on() -> bool:
+    try:
+        return Path("/proc/sys/net/core/bpf_jit_enable").read_text().strip() != "0"
+    except OSError:
+        return False

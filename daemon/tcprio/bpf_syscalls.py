@@ -977,7 +977,13 @@ def load_helper_symbols(path: str = "/proc/kallsyms") -> dict[int, str]:
         return {}
     # filter while matching: a list of all ~120,000 symbols would cost ~25 MiB for a moment
     # A substring test first: running the regex over all ~120,000 lines costs twice as much.
-    lines = [ln for ln in text.split("\n") if "bpf_" in ln or "_elem" in ln or "_map_" in ln]
+    # "[bpf]" lines are JIT-ed programs (bpf_prog_<tag>_<name>): never a helper, and they come
+    # and go with every program load.
+    lines = [
+        ln
+        for ln in text.split("\n")
+        if ("bpf_" in ln or "_elem" in ln or "_map_" in ln) and not ln.endswith("\t[bpf]")
+    ]
     symbols = [m.groups() for m in map(_HELPER_SYMBOL.match, lines) if m is not None]
     # One bulk hex decode instead of 120,000 int(x, 16) calls: about twice as fast.
     addresses = array("Q", binascii.unhexlify("".join(address for address, _ in symbols)))

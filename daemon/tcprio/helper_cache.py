@@ -20,6 +20,8 @@ from pathlib import Path
 
 CACHE_DIR = Path("/run/tcprio")
 CACHE_NAME = "kernel-helpers.json"
+# Bumped whenever what is kept from kallsyms changes: an older file is then ignored.
+CACHE_FORMAT = 2
 MAX_CACHE_BYTES = 4 << 20
 
 
@@ -55,6 +57,8 @@ def read_cache(fingerprint: str, cache_dir: Path = CACHE_DIR) -> dict[int, str] 
         return None
     if not isinstance(data, dict) or data.get("fingerprint") != fingerprint:
         return None
+    if data.get("format") != CACHE_FORMAT:
+        return None
     helpers = data.get("helpers")
     if not isinstance(helpers, dict):
         return None
@@ -70,5 +74,5 @@ def write_cache(fingerprint: str, helpers: Mapping[int, str], cache_dir: Path = 
         tmp = cache_dir / f".{CACHE_NAME}.{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"fingerprint": fingerprint, "helpers": helpers}, f)
+            json.dump({"format": CACHE_FORMAT, "fingerprint": fingerprint, "helpers": helpers}, f)
         os.replace(tmp, cache_dir / CACHE_NAME)
