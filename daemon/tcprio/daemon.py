@@ -42,11 +42,12 @@ from tcprio.scan import ProgramCache, analyse_node, inventory_errors
 from tcprio.semantics import action_name
 from tcprio.snapshot import Counters, LiveKey, ProbeState, RunStats, Snapshot
 from tcprio.starvation import starved_hooks
-from tcprio.tc_inventory import read_namespace, refresh_hooks
+from tcprio.tc_inventory import PARENT_BY_DIRECTION, read_namespace, refresh_hooks
 from tcprio.watch import NamespaceWatch, NetnsFolderWatch, ProcessExitWatch, TcEvent
 
 NsKey = tuple[int, int]
 STALL_AFTER_S = 30.0
+TCX_RECHECK_S = 1.0  # a tcx link change: hooks read again until they show it, this long
 SETTLE_STEPS_S = (0.05, 0.2, 1.0)  # extra sweeps after a netns folder event
 SETTLE_WINDOW_S = 5.0  # for at most this long after the folder changed
 DIRECTION_BY_PARENT = {0xFFFFFFF2: "ingress", 0xFFFFFFF3: "egress", 0xFFFF0000: "ingress"}
@@ -137,6 +138,8 @@ class Daemon:
         self.config_ok = True
         self.link_ids: frozenset[int] = frozenset()
         self.tcx_links: dict[int, tuple[int, int]] = {}  # link id -> (ifindex, parent)
+        # link id -> (ifindex, parent, until): hooks to check again against the link list
+        self.tcx_rechecks: dict[int, tuple[int, int, float]] = {}
         self.run_history: list[tuple[float, dict[int, RunStats]]] = []
         self.probe = ProbeState(False, "none", "live probe not started")
         self.stats_fd: int | None = None
@@ -584,13 +587,64 @@ class Daemon:
             links = frozenset(bpf_syscalls.list_link_ids())
         except OSError:
             links = self.link_ids
+        changed: list[tuple[int, int, int]] = []
         if links != self.link_ids:
             changed = self._tcx_hooks_changed(links)
             self.log("debug", "bpf links changed", appeared=sorted(links - self.link_ids),
                      went=sorted(self.link_ids - links), tcx=[c[0] for c in changed])  # fmt: skip
             self.link_ids = links
+        if changed:
             self._mark_tcx_hooks(changed)
+        self._mark_tcx_shown_but_gone(links)
+        self._recheck_tcx(changed)
         self._refresh_run_stats()
+
+    def _mark_tcx_shown_but_gone(self, links: frozenset[int]) -> None:
+        """A link attached and closed between two polls never shows in the list's diff: read
+        again every hook that still shows a link the list no longer has."""
+        for key, inventory in self.inventories.items():
+            if key not in self.watched:
+                continue
+            events = [
+                TcEvent("tcx-change", ifindex=interface.ifindex,
+                        parent=PARENT_BY_DIRECTION[hook.direction])
+                for interface in inventory.interfaces
+                for hook in interface.hooks
+                if any(t.link_id is not None and t.link_id not in links for t in hook.tcx)
+            ]  # fmt: skip
+            if events:
+                self.watched[key].pending.extend(events)
+                self._mark_dirty(key)
+
+    def _shows_link(self, link: int) -> bool:
+        return any(
+            t.link_id == link
+            for inventory in self.inventories.values()
+            for interface in inventory.interfaces
+            for hook in interface.hooks
+            for t in hook.tcx
+        )
+
+    def _recheck_tcx(self, changed: list[tuple[int, int, int]]) -> None:
+        """The kernel frees a tcx link's id before it detaches the program, and gives a new link
+        its id before it attaches it (a synchronize_rcu apart, long under load): a hook read in
+        between still shows the old chain. Read such hooks again until they agree with the
+        link list, for TCX_RECHECK_S at most."""
+        now = time.monotonic()
+        for link, ifindex, parent in changed:
+            self.tcx_rechecks[link] = (ifindex, parent, now + TCX_RECHECK_S)
+        fresh = {link for link, _, _ in changed}
+        stale = []
+        for link, (ifindex, parent, until) in list(self.tcx_rechecks.items()):
+            if link in fresh:
+                continue
+            if now > until or self._shows_link(link) == (link in self.link_ids):
+                del self.tcx_rechecks[link]
+            else:
+                stale.append((link, ifindex, parent))
+        if stale:
+            self.log("debug", "tcx hooks read again", links=[s[0] for s in stale])
+            self._mark_tcx_hooks(stale)
 
     def _tcx_hooks_changed(self, links: frozenset[int]) -> list[tuple[int, int, int]]:
         """(link id, ifindex, parent) of the tcx links that appeared or went."""
