@@ -15,8 +15,8 @@ fi
 
 debian_packages=(iproute2 bpftool python3-bpfcc linux-headers-amd64 python3-venv procps util-linux)
 # The tests also run a real Prometheus (and promtool) on loopback, systemd-analyze, strace (the
-# read-only check of a scan) and curl.
-[ "$profile" = dev ] && debian_packages+=(prometheus systemd openssl strace curl)
+# read-only check of a scan).
+[ "$profile" = dev ] && debian_packages+=(prometheus systemd openssl strace)
 missing=()
 for pkg in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
