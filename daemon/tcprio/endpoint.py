@@ -21,6 +21,7 @@ from tcprio.config import BasicAuth, DaemonConfig
 
 CLIENT_TIMEOUT_S = 10.0
 MAX_HEADERS = 64
+MAX_HEADER_BYTES = 32 * 1024  # all header lines together (a Prometheus scrape sends < 1 KiB)
 
 
 class _Server(ThreadingHTTPServer):
@@ -34,10 +35,11 @@ class _Server(ThreadingHTTPServer):
 
 
 def _authorized(header: str | None, auth: BasicAuth) -> bool:
-    if not header or not header.startswith("Basic "):
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "basic":  # auth schemes are case-insensitive (RFC 9110, 11.1)
         return False
     try:
-        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
         return False
     user, sep, password = decoded.partition(":")
@@ -77,6 +79,9 @@ def make_handler(
         def _route(self) -> None:
             if len(self.headers) > MAX_HEADERS:
                 self._send(431, b"too many headers\n")
+                return
+            if sum(len(k) + len(v) for k, v in self.headers.items()) > MAX_HEADER_BYTES:
+                self._send(431, b"headers too large\n")
                 return
             if auth is not None and not _authorized(self.headers.get("Authorization"), auth):
                 self._send(401, b"authentication required\n")
