@@ -818,7 +818,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
                 if scan_series(doc_again) != expected:
                     continue
                 if got == expected:
-                    equal = True
+                    equal, diff = True, f"at attempt {attempts}"
                     break
                 missing, extra = expected - got, got - expected
                 diff = (f"{sum(missing.values())} series missing, {sum(extra.values())} extra; "
