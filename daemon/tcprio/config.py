@@ -7,14 +7,12 @@ is allowed. The daemon keeps its last good configuration when a reload fails.
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
+from tcprio.datadog_config import ConfigReadError, brief, label_of, load_yaml, read_bytes_checked
 
 DEFAULT_CONFIG_PATH = Path("/etc/tcprio/tcprio.yaml")
 DEFAULT_LISTEN = "0.0.0.0:9842"
@@ -91,10 +89,8 @@ class _Checker:
         self.problems: list[str] = []
 
     def problem(self, key: str, value: object, allowed: str) -> None:
-        shown = repr(value) if not isinstance(value, str) else f"'{value}'"
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        self.problems.append(f"{self.origin}: {key}: {shown} is not {allowed}")
+        """One line: the value bounded (80 characters, however big or deep) and escaped."""
+        self.problems.append(f"{self.origin}: {key}: {brief(value)} is not {allowed}")
 
     def number(self, data: Mapping, key: str, default: float, low: float, high: float) -> float:
         value = data.get(key, default)
@@ -134,17 +130,19 @@ class _Checker:
         names = ", ".join(sorted(allowed))
         for key in data:
             if key not in allowed:
-                where = f"{self.origin}: {prefix}{key}"
+                where = f"{self.origin}: {prefix}{label_of(str(key), 80)}"
                 self.problems.append(f"{where}: unknown key (allowed: {names})")
 
 
 def parse_listen_address(text: object) -> tuple[str, int] | None:
     """'HOST:PORT' or '[V6]:PORT' -> (host, port); None when malformed."""
-    if not isinstance(text, str) or ":" not in text:
+    if not isinstance(text, str) or ":" not in text or len(text) > 300:
         return None
     host, _, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not host.isprintable() or " " in host:
+        return None
+    if not (port.isascii() and port.isdigit()) or len(port) > 5 or not 0 < int(port) < 65536:
         return None
     return host, int(port)
 
@@ -191,15 +189,22 @@ def _observers(c: _Checker, data: Mapping) -> tuple[Observer, ...]:
     return tuple(o for o in found if o is not None)
 
 
-def _readable_file(c: _Checker, key: str, value: object) -> Path | None:
+def _read_file(c: _Checker, key: str, value: object) -> tuple[Path, bytes] | None:
+    """(path, contents) of a file the configuration names: a regular file on disk of at most
+    MAX_CONFIG_BYTES (same policy as the configuration itself)."""
     if not isinstance(value, str) or not value:
         c.problem(key, value, "a file path")
         return None
-    path = Path(value)
-    if not path.is_file() or not os.access(path, os.R_OK):
-        c.problem(key, value, "a readable file")
+    try:
+        return Path(value), read_bytes_checked(Path(value), MAX_CONFIG_BYTES)
+    except ConfigReadError as exc:
+        c.problem(key, value, f"a readable file ({str(exc).removeprefix('is ')})")
         return None
-    return path
+
+
+def _readable_file(c: _Checker, key: str, value: object) -> Path | None:
+    found = _read_file(c, key, value)
+    return found[0] if found else None
 
 
 def _tls(c: _Checker, data: Mapping) -> TlsConfig | None:
@@ -221,12 +226,13 @@ def _basic_auth(c: _Checker, data: Mapping) -> BasicAuth | None:
     if not isinstance(username, str) or not username or ":" in username:
         c.problem("basic_auth.username", username, "a non-empty string without ':'")
         return None
-    path = _readable_file(c, "basic_auth.password_file", section.get("password_file"))
-    if path is None:
+    found = _read_file(c, "basic_auth.password_file", section.get("password_file"))
+    if found is None:
         return None
-    password = path.read_text(errors="replace").strip()
+    path, data = found
+    password = data.decode("utf-8", "replace").strip()
     if not password:
-        c.problems.append(f"{c.origin}: basic_auth.password_file: {path} is empty")
+        c.problems.append(f"{c.origin}: basic_auth.password_file: {label_of(str(path))} is empty")
         return None
     return BasicAuth(username, password)
 
@@ -235,6 +241,9 @@ def _datadog(c: _Checker, data: Mapping) -> tuple[tuple[Path, ...], bool]:
     section = c.mapping(data, "datadog") or {}
     c.unknown_keys(section, {"config_files", "scan_processes"}, "datadog.")
     files = c.string_list(section, "config_files", DEFAULT_DATADOG_FILES)
+    if any("\0" in f for f in files):
+        c.problem("datadog.config_files", list(files), "a list of paths without NUL bytes")
+        files = DEFAULT_DATADOG_FILES
     return tuple(Path(f) for f in files), c.boolean(section, "scan_processes", True)
 
 
@@ -288,38 +297,60 @@ def config_from_mapping(data: Mapping[str, Any], origin: str) -> DaemonConfig:
     return config
 
 
-def _read_config_text(path: Path) -> str:
+def _read_config_text(path: Path, origin: str) -> str:
+    """The file's text: a regular file on disk (symbolic links followed) of at most
+    MAX_CONFIG_BYTES, read without ever blocking (a fifo, a device, /proc and /sys refused)."""
     try:
-        info = os.stat(path)
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigError([f"{path}: is not a regular file"])
-    if info.st_size > MAX_CONFIG_BYTES:
-        raise ConfigError([f"{path}: is {info.st_size} bytes; at most {MAX_CONFIG_BYTES} allowed"])
+        data = read_bytes_checked(path, MAX_CONFIG_BYTES)
+    except ConfigReadError as exc:
+        if exc.kind == "missing":
+            raise ConfigError([f"{origin}: cannot read: No such file or directory"]) from None
+        if exc.kind == "type":
+            raise ConfigError([f"{origin}: is not a regular file"]) from None
+        if exc.kind == "size":
+            size = exc.details.get("size")
+            shown = f"{size} bytes" if size is not None else f"more than {MAX_CONFIG_BYTES} bytes"
+            line = f"{origin}: is {shown}; at most {MAX_CONFIG_BYTES} allowed"
+            raise ConfigError([line]) from None
+        message = str(exc).replace("cannot be read:", "cannot read:")
+        raise ConfigError([f"{origin}: {message}"]) from None
     try:
-        with open(path, "rb") as f:
-            return f.read(MAX_CONFIG_BYTES + 1).decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: cannot read: {exc}"]) from exc
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{origin}: is not valid UTF-8 (byte {exc.start})"]) from None
 
 
 def load_config(path: Path, missing_ok: bool = False) -> DaemonConfig:
-    """The configuration in `path`; the defaults when it is absent and `missing_ok`."""
+    """The configuration in `path`; the defaults when it is absent and `missing_ok`.
+    Never raises anything but ConfigError, whatever the file holds."""
+    origin = label_of(str(path))
+    if "\0" in str(path):
+        raise ConfigError([f"{origin}: cannot read: the path holds a NUL byte"])
     if missing_ok and not path.exists() and not path.is_symlink():
-        return DaemonConfig(source=f"defaults ({path} absent)")
-    text = _read_config_text(path)
+        return DaemonConfig(source=f"defaults ({origin} absent)")
+    text = _read_config_text(path, origin)
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError([f"{path}: not valid YAML{where}"]) from exc
+        data, duplicates = load_yaml(text)
+    except ConfigReadError as exc:
+        where, problem = exc.details.get("where", ""), exc.details.get("problem", str(exc))
+        raise ConfigError([f"{origin}: not valid YAML{where}: {problem}"]) from None
+    if duplicates:
+        raise ConfigError(
+            [
+                f"{origin}: {brief(key)}: set again at line {line}; each key may appear once"
+                for key, line in duplicates
+            ]
+        )
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError([f"{path}: the top level must be a mapping of settings"])
-    return config_from_mapping(data, str(path))
+        raise ConfigError([f"{origin}: the top level must be a mapping of settings"])
+    try:
+        return config_from_mapping(data, origin)
+    except ConfigError:
+        raise
+    except Exception as exc:  # a bug in a check must not take the daemon down on a reload
+        raise ConfigError([f"{origin}: cannot be checked: {brief(str(exc))}"]) from None
 
 
 def with_overrides(config: DaemonConfig, listen_address: str | None) -> DaemonConfig:

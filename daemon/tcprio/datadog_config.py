@@ -28,10 +28,12 @@ report recommends, in the spelling that will actually win on the node.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
 import re
+import reprlib
 import stat
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -77,10 +79,6 @@ _GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 _DECIMAL = re.compile(r"[+-]?(0|[1-9][0-9]*)")
 _VERSION = re.compile(r"(\d+)((?:\.\d+)+)")
 _MISSING = object()
-
-
-class ConfigReadError(Exception):
-    """A config file that exists but cannot be used; the message is one report line."""
 
 
 # --- small value helpers ---------------------------------------------------------------------
@@ -131,8 +129,8 @@ def _integer(raw: object) -> int | None:
         return raw
     if isinstance(raw, float) and raw.is_integer():
         return int(raw)
-    if isinstance(raw, str) and _DECIMAL.fullmatch(raw):
-        return int(raw)
+    if isinstance(raw, str) and len(raw) <= 20 and _DECIMAL.fullmatch(raw):
+        return int(raw)  # longer: not an int64 for the agent either (nor for int() past 4300)
     return None
 
 
@@ -194,7 +192,198 @@ SPECS: tuple[Spec, ...] = (
 SPEC_BY_FIELD = {spec.field: spec for spec in SPECS}
 
 
+# --- one-line messages ------------------------------------------------------------------------
+
+MAX_SHOWN = 80  # characters of a bad value shown in a message
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel = 2
+_BRIEF.maxdict = _BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxset = _BRIEF.maxfrozenset = 4
+_BRIEF.maxstring = _BRIEF.maxother = _BRIEF.maxlong = MAX_SHOWN
+
+
+def one_line(text: str) -> str:
+    """`text` with every non-printable character escaped (newlines, terminal escapes, Unicode
+    line separators): a message built from it stays one line and cannot forge another."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def label_of(text: str, limit: int = 300) -> str:
+    """A path or name shown in a message or a source label: one line, at most `limit` chars."""
+    text = one_line(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def brief(value: object, limit: int = MAX_SHOWN) -> str:
+    """A bad value as shown in a message: its repr, bounded in depth, breadth and length (a YAML
+    alias bomb or a 10 MB string costs nothing), on one line."""
+    try:
+        text = _BRIEF.repr(value)
+    except Exception:  # an int too long to print, a broken object
+        text = f"<{type(value).__name__}>"
+    text = one_line(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 # --- reading files safely --------------------------------------------------------------------
+#
+# Policy, for the daemon's own configuration, the Datadog files and the files read through a
+# system-probe's /proc/<pid>/root: symbolic links are followed (inside that root: a container's
+# link to /etc/... names its own /etc, never the host's), and only a regular file on a real file
+# system is read: a directory, a fifo, a socket or a device is refused before it is opened (so a
+# fifo never blocks and no device is touched), so is a file on proc, sysfs and the other pseudo
+# file systems (their sizes lie and some reads have effects), and reading stops after the limit.
+
+
+class ConfigReadError(Exception):
+    """A config file that exists but cannot be used; the message is one report line.
+    `kind`: missing, type, pseudo, size, io, loop or text."""
+
+    def __init__(self, message: str, kind: str = "io", **details: object) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.details = details
+
+
+PSEUDO_FILE_SYSTEMS = {
+    0x9FA0: "proc",
+    0x62656572: "sysfs",
+    0x64626720: "debugfs",
+    0x74726163: "tracefs",
+    0x73636673: "securityfs",
+    0x27E0EB: "cgroup",
+    0x63677270: "cgroup2",
+    0xCAFE4A11: "bpf",
+    0x62656570: "configfs",
+    0xDE5E81E4: "efivarfs",
+    0x6165676C: "pstore",
+}
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_OPENAT2 = 437  # the same number on every architecture (new syscalls are unified)
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_IN_ROOT = 0x10
+_openat2_works = True
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _file_system(fd: int) -> str | None:
+    """The name of the pseudo file system `fd` is on; None for any other (or when unknown)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is the first word
+    if _libc.fstatfs(fd, buf) != 0:
+        return None
+    return PSEUDO_FILE_SYSTEMS.get(ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF)
+
+
+def _openat2_in_root(root: Path, path: str) -> int:
+    """An O_PATH fd on `path` resolved by the kernel inside `root` (RESOLVE_IN_ROOT: absolute
+    links and `..` stop at `root`, no magic links), race-free. OSError(ENOSYS) when the kernel
+    (< 5.6) or a seccomp filter refuses openat2."""
+    dirfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        how = _OpenHow(os.O_PATH | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+        for _ in range(3):  # EAGAIN: a rename raced with the lookup
+            fd = _libc.syscall(
+                ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd),
+                ctypes.c_char_p(os.fsencode(path.lstrip("/") or ".")),
+                ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)),
+            )  # fmt: skip
+            if fd >= 0:
+                return fd
+            err = ctypes.get_errno()
+            if err != errno.EAGAIN:
+                break
+        raise OSError(err, os.strerror(err))
+    finally:
+        os.close(dirfd)
+
+
+def _open_path(path: Path, root: Path | None) -> int:
+    """An O_PATH fd (nothing is really opened: a fifo cannot block, a device is not touched)."""
+    global _openat2_works
+    if root is not None and _openat2_works:
+        try:
+            return _openat2_in_root(root, str(path))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EPERM):
+                raise
+            _openat2_works = False
+    if root is not None:  # old kernel: resolve by hand, then refuse a link at the last step
+        return os.open(resolve_in_root(root, str(path)), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    return os.open(path, os.O_PATH | os.O_CLOEXEC)
+
+
+def _type_problem(info: os.stat_result, fs: str | None, limit: int) -> ConfigReadError | None:
+    if stat.S_ISDIR(info.st_mode):
+        return ConfigReadError("is a directory, not a file", "type")
+    if not stat.S_ISREG(info.st_mode):
+        return ConfigReadError("is not a regular file (fifo, socket or device)", "type")
+    if fs is not None:
+        return ConfigReadError(
+            f"is on {fs}, a pseudo file system; only regular files on disk are read", "pseudo"
+        )
+    if info.st_size > limit:
+        return ConfigReadError(
+            f"is {info.st_size} bytes, more than the {limit} bytes allowed", "size",
+            size=info.st_size,
+        )  # fmt: skip
+    return None
+
+
+def _os_error(exc: OSError) -> ConfigReadError:
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return ConfigReadError("not found", "missing")
+    if exc.errno == errno.ELOOP:
+        return ConfigReadError(f"more than {MAX_SYMLINKS} symbolic links (a loop?)", "loop")
+    if exc.errno == errno.ENXIO:  # a socket
+        return ConfigReadError("is not a regular file (fifo, socket or device)", "type")
+    return ConfigReadError(f"cannot be read: {exc.strerror}", "io")
+
+
+def read_bytes_checked(path: Path, limit: int = MAX_FILE_BYTES, root: Path | None = None) -> bytes:
+    """The bytes of `path` (inside `root` when given) if it is a regular file on a real file
+    system of at most `limit` bytes; ConfigReadError (one line, with its `kind`) otherwise."""
+    if "\0" in str(path) or "\0" in str(root or ""):
+        raise ConfigReadError("cannot be read: the path holds a NUL byte", "io")
+    try:
+        pfd = _open_path(path, root)
+    except ConfigReadError:
+        raise
+    except OSError as exc:
+        raise _os_error(exc) from None
+    try:
+        info = os.fstat(pfd)
+        problem = _type_problem(info, _file_system(pfd), limit)
+        if problem is not None:
+            raise problem
+        try:  # reopen the very inode the checks were made on
+            fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _os_error(exc) from None
+    finally:
+        os.close(pfd)
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+            raise ConfigReadError("changed while being read", "io")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise ConfigReadError(f"cannot be read: {exc.strerror}", "io") from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise ConfigReadError(f"is more than the {limit} bytes allowed", "size")
+    return b"".join(chunks)
 
 
 def _lstat_or_none(path: Path) -> os.stat_result | None:
@@ -225,71 +414,111 @@ def resolve_in_root(root: Path, path: str) -> Path:
             continue
         links += 1
         if links > MAX_SYMLINKS:
-            raise ConfigReadError(f"more than {MAX_SYMLINKS} symbolic links (a loop?)")
-        target = os.readlink(here)
+            raise ConfigReadError(f"more than {MAX_SYMLINKS} symbolic links (a loop?)", "loop")
+        try:
+            target = os.readlink(here)
+        except OSError as exc:  # replaced meanwhile
+            raise _os_error(exc) from None
         if target.startswith("/"):
             done = []
         todo.extendleft(reversed([p for p in target.split("/") if p]))
     return root.joinpath(*done)
 
 
-def _open_regular(path: Path) -> int:
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags)
-    except IsADirectoryError:
-        raise ConfigReadError("is a directory, not a file") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ConfigReadError("is a symbolic link that changed while reading") from None
-        raise ConfigReadError(f"cannot be read: {exc.strerror}") from None
-    info = os.fstat(fd)
-    problem = _file_type_problem(info)
-    if problem:
-        os.close(fd)
-        raise ConfigReadError(problem)
-    return fd
-
-
-def _file_type_problem(info: os.stat_result) -> str | None:
-    if stat.S_ISDIR(info.st_mode):
-        return "is a directory, not a file"
-    if not stat.S_ISREG(info.st_mode):
-        return "is not a regular file (fifo, socket or device)"
-    if info.st_size > MAX_FILE_BYTES:
-        return f"is {info.st_size} bytes, more than the {MAX_FILE_BYTES} bytes allowed"
-    return None
-
-
-def read_small_file(path: Path) -> str:
-    """The text of a regular file of at most MAX_FILE_BYTES; ConfigReadError otherwise."""
-    fd = _open_regular(path)
-    try:
-        data = os.read(fd, MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigReadError(f"cannot be read: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_FILE_BYTES:
-        raise ConfigReadError(f"is more than the {MAX_FILE_BYTES} bytes allowed")
+def read_small_file(path: Path, root: Path | None = None) -> str:
+    """The text of a regular file of at most MAX_FILE_BYTES (`path` inside `root` when given,
+    never leaving it); ConfigReadError otherwise."""
+    data = read_bytes_checked(path, MAX_FILE_BYTES, root)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigReadError(f"is not valid UTF-8 (byte {exc.start})") from None
+        raise ConfigReadError(f"is not valid UTF-8 (byte {exc.start})", "text") from None
 
 
-def parse_yaml_mapping(text: str) -> Mapping[str, object]:
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader (no Python tags), noting duplicate keys (PyYAML keeps the last)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[object, int]] = []
+        self.node: yaml.Node | None = None
+
+    def construct_object(self, node, deep=False):  # type: ignore[no-untyped-def]
+        self.node = node
+        return super().construct_object(node, deep)
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+        if isinstance(node, yaml.MappingNode):
+            seen: set[object] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
+                    key_node, yaml.ScalarNode
+                ):
+                    continue
+                key = self.construct_object(key_node)
+                with contextlib.suppress(TypeError):
+                    if key in seen:
+                        self.duplicates.append((key, key_node.start_mark.line + 1))
+                    seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> tuple[object, list[tuple[object, int]]]:
+    """(document, [(duplicate key, line)]); ConfigReadError("malformed YAML: ...") on anything
+    the loader refuses, including what PyYAML raises outside YAMLError (`!!int abc`, an integer
+    of 5000 digits, nesting deeper than Python's recursion limit)."""
     try:
-        data = yaml.safe_load(text)
+        loader = _Loader(text)  # the reader refuses NUL and other control characters here
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        problem = f"unacceptable character #x{exc.character:04x}"
+        where = f" at line {line}, column {column}"
+        raise ConfigReadError(
+            f"malformed YAML: {problem}{where}", "yaml", problem=problem, where=where
+        ) from None
+    try:
+        return loader.get_single_data(), loader.duplicates
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise ConfigReadError(f"malformed YAML: {problem}{where}") from None
+        problem = one_line(problem)
+        raise ConfigReadError(
+            f"malformed YAML: {problem}{where}", "yaml", problem=problem, where=where
+        ) from None
+    except RecursionError:
+        problem = "nested too deeply"
+        raise ConfigReadError(
+            f"malformed YAML: {problem}", "yaml", problem=problem, where=""
+        ) from None
+    except Exception as exc:  # ValueError, AttributeError... from a tagged or huge scalar
+        where = _loader_line(loader)
+        problem = f"a value cannot be read ({brief(str(exc), 60)})"
+        raise ConfigReadError(
+            f"malformed YAML: {problem}{where}", "yaml", problem=problem, where=where
+        ) from None
+    finally:
+        loader.dispose()
+
+
+def _loader_line(loader: _Loader) -> str:
+    node = loader.node
+    return f" at line {node.start_mark.line + 1}" if node is not None else ""
+
+
+def parse_yaml_mapping(text: str, duplicates: list[str] | None = None) -> Mapping[str, object]:
+    """The YAML mapping in `text` ({} when empty). Each duplicate key adds a line to
+    `duplicates` when given."""
+    data, dups = load_yaml(text)
+    if duplicates is not None:
+        duplicates.extend(
+            f"duplicate key {brief(key)} at line {line}; the last one is used" for key, line in dups
+        )
     if data is None:
         return {}
     if not isinstance(data, Mapping):
-        raise ConfigReadError(f"YAML root is a {type(data).__name__}, not a mapping")
+        raise ConfigReadError(f"YAML root is a {type(data).__name__}, not a mapping", "yaml")
     return data
 
 
@@ -310,18 +539,28 @@ class Log:
 def load_config(root: Path, path: str, label: str, log: Log, prefix: str = "") -> ConfigDoc | None:
     """Read `path` as seen from `root`. Missing: a note. Unusable: one error line. Either way
     None, so the file contributes nothing. `prefix` names the process it belongs to."""
+    label = label_of(label)
     try:
         real = resolve_in_root(root, path)
         if _lstat_or_none(real) is None:
             log.notes.append(f"{prefix}{label}: not found; skipped")
             return None
         if real != resolve_plain(root, path):
-            log.notes.append(f"{prefix}{label}: symbolic link followed to {_inside(root, real)}")
-        return ConfigDoc(label, parse_yaml_mapping(read_small_file(real)))
+            where = one_line(_inside(root, real))
+            log.notes.append(f"{prefix}{label}: symbolic link followed to {where}")
+        duplicates: list[str] = []
+        data = parse_yaml_mapping(read_small_file(Path(path), root), duplicates)
+        log.notes.extend(f"{prefix}{label}: {line}" for line in duplicates)
+        return ConfigDoc(label, data)
     except ConfigReadError as exc:
-        log.errors.append(f"{prefix}{label}: {exc}; ignored")
+        if exc.kind == "missing":  # gone since it was looked at
+            log.notes.append(f"{prefix}{label}: not found; skipped")
+        else:
+            log.errors.append(f"{prefix}{label}: {exc}; ignored")
     except OSError as exc:
         log.errors.append(f"{prefix}{label}: cannot be read: {exc.strerror}; ignored")
+    except ValueError as exc:  # a NUL byte in the path
+        log.errors.append(f"{prefix}{label}: cannot be read: {label_of(str(exc))}; ignored")
     return None
 
 
@@ -423,7 +662,7 @@ def resolve_setting(view: ConfigView, spec: Spec, log: Log) -> Setting:
         checked = spec.check(cand.raw)
         if checked.problem is None:
             return Setting(checked.value, cand.label)
-        log.errors.append(f"{cand.where}: {cand.key}: {cand.raw!r} {checked.problem}; ignored")
+        log.errors.append(f"{cand.where}: {cand.key}: {brief(cand.raw)} {checked.problem}; ignored")
     return Setting(spec.default, "default")
 
 
@@ -435,7 +674,7 @@ def resolve_wp_enabled(view: ConfigView, log: Log) -> Setting:
         checked = check_bool(cand.raw)
         if checked.problem is None:
             return Setting(checked.value, cand.label)
-        log.errors.append(f"{cand.where}: {key}: {cand.raw!r} {checked.problem}; ignored")
+        log.errors.append(f"{cand.where}: {key}: {brief(cand.raw)} {checked.problem}; ignored")
     return Setting(False, "default")
 
 
@@ -509,9 +748,34 @@ class AgentProcess:
         return f"process {self.pid} ({PROCESS_NAME}) "
 
 
+MAX_PROC_BYTES = 1 << 16  # comm, cmdline: the kernel shows at most a page of cmdline anyway
+MAX_ENVIRON_BYTES = 4 << 20  # an environment is at most a quarter of the stack rlimit
+
+
+def read_proc_bytes(path: Path, limit: int) -> tuple[bytes, bool]:
+    """(at most `limit` bytes of a /proc file, whether there was more). OSError when it cannot
+    be read (the process is gone...); a fifo or a device (a fake or lying /proc) is an OSError
+    too, found without blocking."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    return data[:limit], size > limit
+
+
 def _read_proc_text(path: Path) -> str | None:
     try:
-        return path.read_bytes().decode("utf-8", "replace")
+        return read_proc_bytes(path, MAX_PROC_BYTES)[0].decode("utf-8", "replace")
     except OSError:
         return None
 
@@ -556,7 +820,8 @@ def _split_cmdline(cmdline: str) -> tuple[str, ...]:
 
 def _pids(proc_root: Path, only_pids: Collection[int] | None) -> list[int]:
     try:
-        pids = sorted(int(entry.name) for entry in proc_root.iterdir() if entry.name.isdigit())
+        names = [entry.name for entry in proc_root.iterdir()]
+        pids = sorted(int(n) for n in names if n.isascii() and n.isdigit() and len(n) < 12)
     except OSError:
         return []
     return [pid for pid in pids if only_pids is None or pid in only_pids]
@@ -598,18 +863,30 @@ def _process_config_path(proc: AgentProcess) -> tuple[Path, str]:
 
 
 def read_environ(proc: AgentProcess, log: Log) -> dict[str, str]:
+    """The process's environment (NUL-separated NAME=value; undecodable bytes replaced). Bounded:
+    past MAX_ENVIRON_BYTES one line says so and the variables read so far are used."""
     try:
-        raw = (proc.proc_dir / "environ").read_bytes()
+        raw, more = read_proc_bytes(proc.proc_dir / "environ", MAX_ENVIRON_BYTES)
     except OSError as exc:
-        log.errors.append(f"{proc.prefix}environment cannot be read: {exc.strerror}; ignored")
+        log.errors.append(
+            f"{proc.prefix}environment cannot be read: {one_line(exc.strerror or str(exc))};"
+            " ignored"
+        )
         return {}
-    pairs = (item.split("=", 1) for item in raw.decode("utf-8", "replace").split("\0"))
+    items = raw.split(b"\0")
+    if more:
+        items.pop()  # cut in the middle
+        log.errors.append(
+            f"{proc.prefix}environment is more than {MAX_ENVIRON_BYTES} bytes; only the "
+            f"{len(items)} variables before that are used"
+        )
+    pairs = (item.decode("utf-8", "replace").split("=", 1) for item in items)
     return {pair[0]: pair[1] for pair in pairs if len(pair) == 2}
 
 
 def process_view(proc: AgentProcess, log: Log) -> ConfigView:
     base, path = _process_config_path(proc)
-    label = str(resolve_plain(base, path))
+    label = label_of(str(resolve_plain(base, path)))
     doc = load_config(base, path, label, log, proc.prefix)
     docs = (doc,) if doc else ()
     return ConfigView(docs, read_environ(proc, log), proc.prefix)
@@ -633,7 +910,7 @@ def _version_from_manifest(name: str, text: str) -> str | None:
     if name.endswith(".json"):
         try:
             data = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         value = data.get("build_version") if isinstance(data, dict) else None
         return value if isinstance(value, str) and parse_version(value) else None
@@ -648,10 +925,10 @@ def read_agent_version(root: Path, install_dirs: Sequence[str]) -> tuple[str, st
         for name in VERSION_MANIFESTS:
             path = f"{install_dir.rstrip('/')}/{name}"
             with contextlib.suppress(ConfigReadError, OSError):
-                text = read_small_file(resolve_in_root(root, path))
+                text = read_small_file(Path(path), root)
                 version = _version_from_manifest(name, text)
                 if version:
-                    return version, str(resolve_plain(root, path))
+                    return one_line(version), one_line(str(resolve_plain(root, path)))
     return None
 
 
@@ -684,9 +961,17 @@ def _resolve(view: ConfigView, version: tuple[str, str] | None, log: Log) -> Res
     return Resolved(apply_version(settings, parsed, text, log), text, source)
 
 
-def _resolve_process(proc: AgentProcess, log: Log) -> Resolved:
+def _resolve_process(proc: AgentProcess, log: Log) -> Resolved | None:
+    """The process's settings; None when it exited meanwhile (not an error: what it said while
+    it was going away is dropped)."""
+    own = Log()
     version = read_agent_version(proc.root, process_install_dirs(proc))
-    return _resolve(process_view(proc, log), version, log)
+    resolved = _resolve(process_view(proc, own), version, own)
+    if not proc.proc_dir.is_dir():
+        return None
+    log.notes.extend(own.notes)
+    log.errors.extend(own.errors)
+    return resolved
 
 
 def _is_security_agent_file(path: Path) -> bool:
@@ -697,7 +982,7 @@ def _load_local(files: Sequence[Path], log: Log) -> tuple[list[ConfigDoc], list[
     """(system-probe docs, security-agent docs) from the local files."""
     probe_docs, agent_docs = [], []
     for path in files:
-        doc = load_config(Path("/"), str(path.absolute()), str(path), log)
+        doc = load_config(Path("/"), str(path.absolute()), label_of(str(path)), log)
         if doc is not None:
             (agent_docs if _is_security_agent_file(path) else probe_docs).append(doc)
     return probe_docs, agent_docs
@@ -777,8 +1062,9 @@ def resolve_settings(
     log = Log()
     env = os.environ if environ is None else environ
     procs = find_system_probes(proc_root, only_pids) if scan_processes else []
+    results = [(proc, res) for proc in procs if (res := _resolve_process(proc, log)) is not None]
+    procs = [proc for proc, _ in results]
     if procs:
-        results = [(proc, _resolve_process(proc, log)) for proc in procs]
         resolved = results[0][1]
         log.notes.insert(
             0,

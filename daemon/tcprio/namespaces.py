@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -56,39 +57,74 @@ def parse_cgroup(text: str) -> CgroupIdentity:
 def _nsfs_key(path: str | os.PathLike[str]) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):
         return None
     return (st.st_dev, st.st_ino)
 
 
-def _read_text(path: Path, limit: int = 65536) -> str:
+def _namespace_key(path: Path, nsfs: int | None) -> tuple[int, int] | None:
+    """The (dev, ino) of a namespace file; None when it is gone or is not a namespace at all
+    (a /proc that lies: a plain file, a directory, a fifo where ns/net should be)."""
+    key = _nsfs_key(path)
+    if key is None or (nsfs is not None and key[0] != nsfs):
+        return None
+    return key
+
+
+def _read_bytes(path: Path, limit: int) -> bytes | None:
+    """At most `limit` bytes of a /proc file; None when it cannot be read (the process is gone)
+    or is not a regular file (a fake or lying /proc: a fifo must not block, a device is not
+    read)."""
     try:
-        with open(path, "rb") as f:
-            return f.read(limit).decode("utf-8", "replace")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except (OSError, ValueError):
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks, size = [], 0
+        while size < limit:
+            chunk = os.read(fd, limit - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
     except OSError:
-        return ""
+        return None
+    finally:
+        os.close(fd)
+
+
+def _printable(text: str, limit: int = 256) -> str:
+    """A name built from what a process says about itself: one line, bounded."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text[:limit]
+
+
+def _read_text(path: Path, limit: int = 65536) -> str:
+    data = _read_bytes(path, limit)
+    return data.decode("utf-8", "replace") if data is not None else ""
 
 
 def _hostname_from_environ(proc_dir: Path) -> str | None:
     """Kubernetes sets HOSTNAME to the pod name in every container's environment."""
-    try:
-        with open(proc_dir / "environ", "rb") as f:
-            data = f.read(1 << 20)
-    except OSError:
+    data = _read_bytes(proc_dir / "environ", 1 << 20)
+    if data is None:
         return None
     for entry in data.split(b"\0"):
         if entry.startswith(b"HOSTNAME="):
-            return entry[9:].decode("utf-8", "replace") or None
+            return _printable(entry[9:].decode("utf-8", "replace")) or None
     return None
 
 
-def _process_namespace(proc_dir: Path) -> NetNamespace | None:
+def _process_namespace(proc_dir: Path, nsfs: int | None = None) -> NetNamespace | None:
     pid = int(proc_dir.name)
-    key = _nsfs_key(proc_dir / "ns" / "net")
+    key = _namespace_key(proc_dir / "ns" / "net", nsfs)
     if key is None:
         return None
     identity = parse_cgroup(_read_text(proc_dir / "cgroup"))
-    comm = _read_text(proc_dir / "comm").strip()
+    comm = _printable(_read_text(proc_dir / "comm", 64).strip(), 64)
     pod_name = _hostname_from_environ(proc_dir) if identity.pod_uid else None
     if identity.pod_uid:
         name = f"pod:{pod_name or identity.pod_uid}"
@@ -153,10 +189,11 @@ def _pid_dirs(proc: Path) -> list[Path]:
         names = os.listdir(proc)
     except OSError:
         return []
-    return [proc / n for n in sorted((n for n in names if n.isdigit()), key=int)]
+    pids = (n for n in names if n.isascii() and n.isdigit() and len(n) < 12)
+    return [proc / n for n in sorted(pids, key=int)]
 
 
-def _host_namespace(proc: Path) -> NetNamespace | None:
+def _host_namespace(proc: Path, nsfs: int | None = None) -> NetNamespace | None:
     """pid 1's namespace; where pid 1 hides it (a sandbox), the one tcprio runs in.
 
     tcprio runs in the host's network namespace (a systemd service, or a hostNetwork pod).
@@ -165,7 +202,7 @@ def _host_namespace(proc: Path) -> NetNamespace | None:
         (proc / "1" / "ns" / "net", "host"),
         (proc / "self" / "ns" / "net", "self"),
     ):
-        key = _nsfs_key(path)
+        key = _namespace_key(path, nsfs)
         if key is not None:
             pid = 1 if source == "host" else os.getpid()
             return NetNamespace(
@@ -179,13 +216,14 @@ def discover_namespaces(
 ) -> list[NetNamespace]:
     """Every network namespace of the node: host first, then named ones, then the rest by pid."""
     found: dict[tuple[int, int], NetNamespace] = {}
-    host = _host_namespace(proc)
+    nsfs = nsfs_device()
+    host = _host_namespace(proc, nsfs)
     if host is not None:
         found[host.key] = host
     for ns in _named_namespaces(named_dirs):
         found.setdefault(ns.key, ns)
     for proc_dir in _pid_dirs(proc):
-        key = _nsfs_key(proc_dir / "ns" / "net")
+        key = _namespace_key(proc_dir / "ns" / "net", nsfs)
         if key is None:
             continue
         known = found.get(key)
@@ -193,7 +231,7 @@ def discover_namespaces(
             if known.pid is None:  # a named namespace: remember a process living in it
                 found[key] = replace(known, pid=int(proc_dir.name))
             continue
-        ns = _process_namespace(proc_dir)
+        ns = _process_namespace(proc_dir, nsfs)
         if ns is not None:
             found[ns.key] = ns
     return list(found.values())
