@@ -522,10 +522,13 @@ def _resolved(path: Path, root: Path = Path("/")) -> Path:
 
 
 def _read_config_file(path: Path, root: Path = Path("/")) -> str:
-    """A configuration file's text (a regular file of at most 1 MiB, else ConfigReadError)."""
+    """A configuration file's text (a regular file of at most 1 MiB, else ConfigReadError),
+    opened by the kernel inside `root`: a link swapped in meanwhile cannot leave it."""
     from tcprio.datadog_config import read_small_file
 
-    return read_small_file(_resolved(path, root))
+    if root == Path("/"):
+        return read_small_file(Path(os.path.abspath(path)))
+    return read_small_file(Path(path), root=root)
 
 
 def _exists(path: Path) -> bool:
@@ -611,7 +614,7 @@ def _datadog_files(ctx: Context) -> list[_DatadogFile]:
 
 
 def _include_datadog_file(g: Gather, file: _DatadogFile) -> dict[str, Any]:
-    from tcprio.datadog_config import ConfigReadError, read_small_file
+    from tcprio.datadog_config import ConfigReadError
 
     entry: dict[str, Any] = {"path": str(file.path)}
     if file.root != Path("/"):
@@ -623,7 +626,7 @@ def _include_datadog_file(g: Gather, file: _DatadogFile) -> dict[str, Any]:
             if file.explicit:
                 g.fail(f"{file.path}: does not exist")
             return entry
-        text = read_small_file(real)
+        text = _read_config_file(file.path, file.root)
     except ConfigReadError as exc:
         entry["status"] = f"unreadable: {exc}"
         g.fail(f"{file.path}: {exc}")

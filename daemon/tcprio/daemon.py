@@ -722,10 +722,13 @@ class Daemon:
         sd_notify.reloading()
         try:
             config = with_overrides(load_config(self.config_path), self.listen_override)
-        except ConfigError as exc:
+        except Exception as exc:  # ConfigError, or a bug: either way the last good one stays
+            problems = exc.problems if isinstance(exc, ConfigError) else [
+                f"{self.config_path}: {type(exc).__name__}: {exc}"
+            ]
             self.counters.reloads["failure"] += 1
             self.config_ok = False
-            for problem in exc.problems:
+            for problem in problems:
                 self.log("error", "configuration rejected, keeping the last good one",
                          detail=problem)  # fmt: skip
             self._republish()
