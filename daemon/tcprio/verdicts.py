@@ -85,6 +85,10 @@ MAX_ORIGINS = 4
 AX = 11  # the verifier's scratch register, seen in rewritten code (may_goto, ...)
 WRITABLE = frozenset({*range(10), AX})
 MAX_COMBINED_VALUES = 1024  # the join caps them again; this only bounds the work
+# How far below its r10 a frame's stack reaches: MAX_BPF_STACK (512), plus the slots the verifier
+# itself adds when it inlines bpf_loop or rewrites may_goto. The verifier refuses a store beyond
+# it; the analysis does too, so that garbage offsets cannot make the stack (and each state) huge.
+STACK_FRAME_BYTES = 512 + 64
 
 
 @dataclass(frozen=True)
@@ -1030,7 +1034,10 @@ class _Analysis:
         value = regs[src] if code & 7 == STX else Consts(frozenset({imm & U64}))
         target = regs[dst]
         if isinstance(target, FramePtr):
-            return None, stack_store(stack, target.frame, target.off + off, size, value)
+            at = target.off + off
+            if at < -STACK_FRAME_BYTES or at + size > 0:
+                return f"store outside the stack frame (r10 {at:+d}) at pc {pc}", stack
+            return None, stack_store(stack, target.frame, at, size, value)
         return None, self._clobber_through(target, off, size, stack, pc)
 
     @staticmethod
