@@ -57,8 +57,8 @@ def raw(port: int, data: bytes, timeout: float = 15) -> bytes:
         try:
             s.sendall(data)
             s.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server refused before reading it all; its answer may still be there
+        except OSError:  # EPIPE, ECONNRESET, ENOTCONN: the server refused before reading it
+            pass  # all and closed; its answer may still be there
         chunks = []
         while True:
             try:
