@@ -9,6 +9,7 @@ lets no request without the right credentials reach the metrics (any method, pat
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import re
 import socket
@@ -231,6 +232,77 @@ def test_half_open_requests_do_not_hold_the_endpoint(serve, monkeypatch):
         assert get(port)[0] == 200
     finally:
         dripping.close()
+        for s in held:
+            s.close()
+
+
+def test_a_dripping_client_is_cut_at_the_request_deadline(serve, monkeypatch):
+    """A byte every 0.2 s never trips the per-read timeout; the whole-request deadline does."""
+    monkeypatch.setattr(endpoint_module, "REQUEST_DEADLINE_S", 1.5)
+    port = serve(DaemonConfig())
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        cut = False
+        for byte in b"GET /metrics HTTP/1.1\r\n" + b"X-Slow: " + b"a" * 100:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                cut = True
+                break
+            time.sleep(0.2)
+            if time.monotonic() - started > 6:
+                break
+        if not cut:
+            s.settimeout(5)
+            try:
+                cut = s.recv(1024) == b""
+            except ConnectionResetError:
+                cut = True
+    elapsed = time.monotonic() - started
+    assert cut and elapsed < 4.0, elapsed  # 1.5 s deadline + the reaper's 0.5 s tick + slack
+    assert healthz_seconds(port) < 1.0
+
+
+def test_connections_beyond_the_cap_are_closed_at_once(serve, monkeypatch):
+    monkeypatch.setattr(endpoint_module, "MAX_CONNECTIONS", 5)
+    port = serve(DaemonConfig())
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(5)]
+    try:
+        for s in held:
+            s.sendall(b"GET /met")  # each holds a slot, waiting for the rest
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
+            extra.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+            try:
+                reply = extra.recv(1024)
+            except ConnectionResetError:
+                reply = b""
+        assert reply == b""  # closed without an answer: no sixth thread
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the slots come back as the five go away
+        with contextlib.suppress(OSError):
+            if get(port, "/healthz") == (200, b"ok\n"):
+                break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the endpoint never served again")
+
+
+def test_threads_stay_bounded_under_a_flood_of_half_requests(serve):
+    port = serve(DaemonConfig())
+    before = threading.active_count()
+    held = []
+    try:
+        for _ in range(endpoint_module.MAX_CONNECTIONS + 100):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")
+            held.append(s)
+        time.sleep(0.5)
+        assert threading.active_count() <= before + endpoint_module.MAX_CONNECTIONS + 2
+    finally:
         for s in held:
             s.close()
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hmac
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -19,9 +21,51 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from tcprio.config import BasicAuth, DaemonConfig
 
-CLIENT_TIMEOUT_S = 10.0
+CLIENT_TIMEOUT_S = 10.0  # for each read or write on a connection
+REQUEST_DEADLINE_S = 30.0  # for a whole request, from waiting for it to the last byte sent
+MAX_CONNECTIONS = 128  # served at once; more are closed at once (Prometheus needs one)
 MAX_HEADERS = 64
 MAX_HEADER_BYTES = 32 * 1024  # all header lines together (a Prometheus scrape sends < 1 KiB)
+
+
+class Deadlines:
+    """Cuts connections whose request is not done in time.
+
+    The socket timeout bounds each read, not a request: a client dripping a byte every few
+    seconds would hold its thread forever. One reaper thread shuts such sockets down; the
+    blocked read then returns and the connection's thread ends."""
+
+    def __init__(self, tick_s: float = 0.5) -> None:
+        self._lock = threading.Lock()
+        self._due: dict[socket.socket, float] = {}
+        self._tick_s = tick_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._reap, name="tcprio-http-reaper",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def arm(self, connection: socket.socket, seconds: float) -> None:
+        with self._lock:
+            self._due[connection] = time.monotonic() + seconds
+
+    def disarm(self, connection: socket.socket) -> None:
+        with self._lock:
+            self._due.pop(connection, None)
+
+    def _reap(self) -> None:
+        while not self._stopped.wait(self._tick_s):
+            now = time.monotonic()
+            with self._lock:
+                late = [c for c, due in self._due.items() if due <= now]
+                for connection in late:
+                    del self._due[connection]
+            for connection in late:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=5)
 
 
 class _Server(ThreadingHTTPServer):
@@ -31,7 +75,29 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], handler: type, family: int) -> None:
         self.address_family = family
+        self.deadlines = Deadlines()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: closed at once, the thread count stays bounded
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.deadlines.stop()
 
 
 def _authorized(header: str | None, auth: BasicAuth) -> bool:
@@ -97,6 +163,14 @@ def make_handler(
                 self._send(200 if ok else 503, b"ready\n" if ok else b"first scan not done\n")
             else:
                 self._send(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+        def handle_one_request(self) -> None:
+            deadlines: Deadlines = self.server.deadlines  # type: ignore[attr-defined]
+            deadlines.arm(self.connection, REQUEST_DEADLINE_S)
+            try:
+                super().handle_one_request()
+            finally:
+                deadlines.disarm(self.connection)
 
         def do_GET(self) -> None:
             self._route()
