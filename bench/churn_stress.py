@@ -56,9 +56,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT), str(ROOT / "daemon")]
 
+import topology  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from pyroute2 import IPRoute  # noqa: E402
-from topology import NETNS_DIR, PARENT, TC_H_CLSACT, ip_batch  # noqa: E402
+from topology import NETNS_DIR, PARENT, TC_H_CLSACT, ip_batch, our_namespaces  # noqa: E402
 
 from tcprio import bpf_syscalls  # noqa: E402
 from tcprio.model import ETH_P_ALL, Direction  # noqa: E402
@@ -101,31 +102,9 @@ SHOWN = ("tcprio_classifier_info", "tcprio_conflict", "tcprio_recommended_classi
 # --- namespaces of this run and of killed runs -------------------------------------------------
 
 
-def our_namespaces(prefix: str) -> list[str]:
-    try:
-        return sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(prefix))
-    except FileNotFoundError:
-        return []
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cleanup_leftovers() -> list[str]:
-    """Delete the namespaces of earlier runs whose process is gone (killed with -9...)."""
-    stale = [
-        name for name in our_namespaces(PREFIX)
-        if not (pid := name[len(PREFIX):].split("-", 1)[0]).isdigit() or not pid_alive(int(pid))
-    ]  # fmt: skip
-    ip_batch([f"netns del {n}" for n in stale], check=False)
-    return stale
+    """Delete the namespaces of earlier stress runs whose process is gone (killed with -9...)."""
+    return topology.cleanup_leftovers(PREFIX)
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:

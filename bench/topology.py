@@ -136,7 +136,7 @@ def delete_namespaces(names: Sequence[str]) -> None:
     ip_batch([f"netns del {name}" for name in ordered], check=False)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -146,12 +146,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def cleanup_leftovers() -> list[str]:
-    """Delete the namespaces of earlier runs whose process is gone (killed with -9...)."""
+def cleanup_leftovers(prefix: str = PREFIX) -> list[str]:
+    """Delete the namespaces `<prefix><pid>-...` of earlier runs whose process is gone (killed
+    with -9...)."""
     stale = []
-    for name in our_namespaces(PREFIX):
-        pid_text = name[len(PREFIX) :].split("-", 1)[0]
-        if not pid_text.isdigit() or not _pid_alive(int(pid_text)):
+    for name in our_namespaces(prefix):
+        pid_text = name[len(prefix) :].split("-", 1)[0]
+        if not pid_text.isdigit() or not pid_alive(int(pid_text)):
             stale.append(name)
     delete_namespaces(stale)
     return stale

@@ -20,7 +20,6 @@ from pyroute2.netlink import rtnl
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.tcmsg import sched_bpf, tcmsg
 
-from tcprio import bpf_syscalls
 from tcprio.model import (
     Direction,
     HookInventory,
@@ -28,9 +27,9 @@ from tcprio.model import (
     NamespaceInventory,
     NetNamespace,
     TcFilter,
-    TcxEntry,
 )
 from tcprio.namespaces import NamespaceGone, entered
+from tcprio.tc_inventory import _read_tcx  # tcx is not netlink: the same code for both
 
 TC_H_CLSACT = 0xFFFFFFF1  # also TC_H_INGRESS: the parent of both clsact and ingress qdiscs
 PARENT_BY_DIRECTION = {Direction.INGRESS: 0xFFFFFFF2, Direction.EGRESS: 0xFFFFFFF3}
@@ -163,17 +162,6 @@ def _hook_qdiscs(ipr: IPRoute) -> dict[int, str]:
         if msg["parent"] == TC_H_CLSACT and kind in ("clsact", "ingress"):
             found[msg["index"]] = kind
     return found
-
-
-def _read_tcx(ifindex: int, direction: Direction) -> tuple[tuple[TcxEntry, ...], str | None]:
-    try:
-        return bpf_syscalls.tcx_query(ifindex, direction), None
-    except bpf_syscalls.TcxUnsupported:
-        return (), None
-    except bpf_syscalls.BpfError as exc:
-        if exc.errno == errno.ENODEV:
-            return (), None
-        return (), f"tcx query failed: {exc}"
 
 
 def _read_hook(
