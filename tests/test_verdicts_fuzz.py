@@ -17,7 +17,6 @@ raises, and whatever verdict set it claims, BPF_PROG_TEST_RUN agrees with it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import os
 import re
@@ -100,47 +99,10 @@ def _assert_well_formed(verdicts: ProgramVerdicts, prog_id: int) -> None:
 
 # --- the kernel side: maps, test runs with a context, what the kernel shows ------------------
 
-_BPF_MAP_CREATE, _BPF_MAP_UPDATE_ELEM = 0, 2
-_u32, _u64 = ctypes.c_uint32, ctypes.c_uint64
 
 
-class _MapCreateAttr(ctypes.Structure):
-    _fields_ = (
-        ("map_type", _u32),
-        ("key_size", _u32),
-        ("value_size", _u32),
-        ("max_entries", _u32),
-        ("map_flags", _u32),
-    )
-
-
-class _MapElemAttr(ctypes.Structure):
-    _fields_ = (("map_fd", _u32), ("pad", _u32), ("key", _u64), ("value", _u64), ("flags", _u64))
-
-
-def _bpf(cmd: int, attr: ctypes.Structure) -> int:
-    ret = bpf_syscalls._syscall(
-        bpf_syscalls._NR_BPF, cmd, ctypes.addressof(attr), ctypes.sizeof(attr)
-    )
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"bpf({cmd}): {os.strerror(err)}")
-    return ret
-
-
-def create_prog_array(slots: int) -> int:
-    attr = _MapCreateAttr(
-        map_type=bpf_syscalls.BPF_MAP_TYPE_PROG_ARRAY, key_size=4, value_size=4, max_entries=slots
-    )
-    return _bpf(_BPF_MAP_CREATE, attr)
-
-
-def set_slot(map_fd: int, slot: int, prog_fd: int) -> None:
-    key, value = _u32(slot), _u32(prog_fd)
-    attr = _MapElemAttr(
-        map_fd=map_fd, key=ctypes.addressof(key), value=ctypes.addressof(value), flags=0
-    )
-    _bpf(_BPF_MAP_UPDATE_ELEM, attr)
+create_prog_array = bpf_syscalls.prog_array_create
+set_slot = bpf_syscalls.prog_array_set
 
 
 # struct __sk_buff as BPF_PROG_TEST_RUN takes it: only mark, priority and cb[] may be set here.
@@ -158,30 +120,7 @@ def _skb_ctx(mark: int, priority: int, cb: tuple[int, ...]) -> bytes:
 
 def test_run(prog_fd: int, data: bytes, ctx: bytes | None = None) -> int:
     """BPF_PROG_TEST_RUN of a sched_cls program on `data` (and a __sk_buff context): r0, signed."""
-    data_in = ctypes.create_string_buffer(data, len(data))
-    data_out = ctypes.create_string_buffer(len(data) + 4096)
-    ctx_in = ctypes.create_string_buffer(ctx, len(ctx)) if ctx else None
-    attr = bpf_syscalls._TestRunAttr(
-        prog_fd=prog_fd,
-        data_size_in=len(data),
-        data_size_out=len(data_out),
-        data_in=ctypes.addressof(data_in),
-        data_out=ctypes.addressof(data_out),
-        repeat=1,
-        ctx_size_in=len(ctx) if ctx else 0,
-        ctx_in=ctypes.addressof(ctx_in) if ctx_in is not None else 0,
-    )
-    ret = bpf_syscalls._syscall(
-        bpf_syscalls._NR_BPF,
-        bpf_syscalls.BpfCmd.PROG_TEST_RUN,
-        ctypes.addressof(attr),
-        ctypes.sizeof(attr),
-    )
-    if ret < 0:
-        err = ctypes.get_errno()
-        if err != 28:  # ENOSPC: the output grew past our buffer, retval is still set
-            raise OSError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
-    return ctypes.c_int32(attr.retval).value
+    return bpf_syscalls.prog_test_run(prog_fd, data, ctx=ctx)
 
 
 test_run.__test__ = False  # a helper, not a test

@@ -49,7 +49,9 @@ _INSN_SIZE = 8
 
 
 class BpfCmd(IntEnum):
+    MAP_CREATE = 0
     MAP_LOOKUP_ELEM = 1
+    MAP_UPDATE_ELEM = 2
     PROG_LOAD = 5
     PROG_TEST_RUN = 10
     PROG_GET_NEXT_ID = 11
@@ -198,6 +200,16 @@ class _InfoByFdAttr(ctypes.Structure):
 
 class _MapElemAttr(ctypes.Structure):
     _fields_ = (("map_fd", _u32), ("pad", _u32), ("key", _u64), ("value", _u64), ("flags", _u64))
+
+
+class _MapCreateAttr(ctypes.Structure):
+    _fields_ = (
+        ("map_type", _u32),
+        ("key_size", _u32),
+        ("value_size", _u32),
+        ("max_entries", _u32),
+        ("map_flags", _u32),
+    )
 
 
 class _QueryAttr(ctypes.Structure):
@@ -844,10 +856,13 @@ def tracing_attach(prog_fd: int, attach_type: int = BPF_TRACE_FEXIT) -> int:
 # --- running programs ------------------------------------------------------------------------
 
 
-def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1) -> int:
-    """Run the program on `data` (a whole packet for sched_cls); its return value, signed."""
+def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ctx: bytes | None = None) -> int:
+    """Run the program on `data` (a whole packet for sched_cls), with `ctx` as its context
+    (a struct __sk_buff: the kernel lets mark, priority and cb[] be set); its return value,
+    signed."""
     data_in = ctypes.create_string_buffer(data, len(data))
     data_out = ctypes.create_string_buffer(len(data) + 4096)  # room for a packet that grew
+    ctx_in = ctypes.create_string_buffer(ctx, len(ctx)) if ctx else None
     attr = _TestRunAttr(
         prog_fd=prog_fd,
         data_size_in=len(data),
@@ -855,6 +870,8 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1) -> int:
         data_in=ctypes.addressof(data_in),
         data_out=ctypes.addressof(data_out),
         repeat=repeat,
+        ctx_size_in=len(ctx) if ctx else 0,
+        ctx_in=ctypes.addressof(ctx_in) if ctx_in is not None else 0,
     )
     try:
         _bpf(BpfCmd.PROG_TEST_RUN, attr)
@@ -862,6 +879,22 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1) -> int:
         if exc.errno != errno.ENOSPC:  # output larger than our buffer: retval is still set
             raise
     return ctypes.c_int32(attr.retval).value
+
+
+def prog_array_create(slots: int) -> int:
+    """A new prog array (tail-call table) of `slots` entries; its fd. For tests and the
+    self-test only: the scan and the daemon never create anything."""
+    attr = _MapCreateAttr(
+        map_type=BPF_MAP_TYPE_PROG_ARRAY, key_size=4, value_size=4, max_entries=slots
+    )
+    return _bpf(BpfCmd.MAP_CREATE, attr)
+
+
+def prog_array_set(map_fd: int, slot: int, prog_fd: int) -> None:
+    """Put program `prog_fd` in slot `slot` of a prog array made by `prog_array_create`."""
+    key, value = _u32(slot), _u32(prog_fd)
+    attr = _MapElemAttr(map_fd=map_fd, key=ctypes.addressof(key), value=ctypes.addressof(value))
+    _bpf(BpfCmd.MAP_UPDATE_ELEM, attr)
 
 
 def enable_run_stats() -> int:
