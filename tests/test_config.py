@@ -195,3 +195,19 @@ def test_the_shipped_default_file_is_valid_and_says_the_defaults():
     assert dataclasses.replace(config, source="x") == dataclasses.replace(
         DaemonConfig(), source="x"
     )
+
+
+def test_a_config_read_inside_a_root_cannot_follow_a_link_out_of_it(tmp_path: Path):
+    """The self-test reads a running daemon's file through /proc/<pid>/root: a link in there
+    names the daemon's own files, never this host's."""
+    host_file = tmp_path / "host.yaml"
+    host_file.write_text('listen_address: "127.0.0.1:1111"\n')
+    root = tmp_path / "container"
+    (root / "etc" / "tcprio").mkdir(parents=True)
+    (root / "etc" / "tcprio" / "tcprio.yaml").symlink_to(host_file)  # absolute: the host's
+    config = load_config(Path("/etc/tcprio/tcprio.yaml"), missing_ok=True, root=root)
+    assert config.listen_port == 9842 and "absent" in config.source  # not the host's 1111
+    (root / str(host_file).lstrip("/")).parent.mkdir(parents=True)
+    (root / str(host_file).lstrip("/")).write_text('listen_address: "127.0.0.1:2222"\n')
+    config = load_config(Path("/etc/tcprio/tcprio.yaml"), missing_ok=True, root=root)
+    assert config.listen_port == 2222  # the same link, resolved inside the root

@@ -297,12 +297,17 @@ def config_from_mapping(data: Mapping[str, Any], origin: str) -> DaemonConfig:
     return config
 
 
-def _read_config_text(path: Path, origin: str) -> str:
-    """The file's text: a regular file on disk (symbolic links followed) of at most
-    MAX_CONFIG_BYTES, read without ever blocking (a fifo, a device, /proc and /sys refused)."""
+def _read_config_text(
+    path: Path, origin: str, root: Path | None = None, missing_ok: bool = False
+) -> str | None:
+    """The file's text: a regular file on disk (symbolic links followed, inside `root` when
+    given) of at most MAX_CONFIG_BYTES, read without ever blocking (a fifo, a device, /proc
+    and /sys refused). None when it does not exist and `missing_ok`."""
     try:
-        data = read_bytes_checked(path, MAX_CONFIG_BYTES)
+        data = read_bytes_checked(path, MAX_CONFIG_BYTES, root)
     except ConfigReadError as exc:
+        if exc.kind == "missing" and missing_ok:
+            return None
         if exc.kind == "missing":
             raise ConfigError([f"{origin}: cannot read: No such file or directory"]) from None
         if exc.kind == "type":
@@ -320,15 +325,19 @@ def _read_config_text(path: Path, origin: str) -> str:
         raise ConfigError([f"{origin}: is not valid UTF-8 (byte {exc.start})"]) from None
 
 
-def load_config(path: Path, missing_ok: bool = False) -> DaemonConfig:
-    """The configuration in `path`; the defaults when it is absent and `missing_ok`.
+def load_config(path: Path, missing_ok: bool = False, root: Path | None = None) -> DaemonConfig:
+    """The configuration in `path` (as a process whose root is `root` sees it: its links
+    cannot leave that root); the defaults when it is absent and `missing_ok`.
     Never raises anything but ConfigError, whatever the file holds."""
-    origin = label_of(str(path))
+    origin = label_of(str(path) if root is None else f"{root}:{path}")
     if "\0" in str(path):
         raise ConfigError([f"{origin}: cannot read: the path holds a NUL byte"])
-    if missing_ok and not path.exists() and not path.is_symlink():
+    if root is None and missing_ok and not path.exists() and not path.is_symlink():
         return DaemonConfig(source=f"defaults ({origin} absent)")
-    text = _read_config_text(path, origin)
+    # Inside a root, "absent" is only known by trying (a dangling link there is absent too).
+    text = _read_config_text(path, origin, root, missing_ok and root is not None)
+    if text is None:
+        return DaemonConfig(source=f"defaults ({origin} absent)")
     try:
         data, duplicates = load_yaml(text)
     except ConfigReadError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import os
 import ssl
 import time
 import urllib.error
@@ -74,11 +75,12 @@ def _argv(pid: int) -> list[str]:
 
 
 def _config_of(pid: int, argv: list[str]) -> DaemonConfig:
-    """The daemon's configuration file, seen from its own root and working directory."""
+    """The daemon's configuration file, as the daemon sees it: inside its own root (a link
+    there cannot lead to this host's files), relative paths from its working directory."""
     path = Path(_option(argv, "--config") or DEFAULT_CONFIG_PATH)
-    if path.is_absolute():
-        return load_config(Path(f"/proc/{pid}/root") / path.relative_to("/"), missing_ok=True)
-    return load_config(Path(f"/proc/{pid}/cwd") / path, missing_ok=True)
+    if not path.is_absolute():
+        path = Path(os.readlink(f"/proc/{pid}/cwd")) / path
+    return load_config(path, missing_ok=True, root=Path(f"/proc/{pid}/root"))
 
 
 def _connect_host(host: str) -> str:
