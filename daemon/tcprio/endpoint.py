@@ -10,12 +10,14 @@ import base64
 import binascii
 import contextlib
 import hmac
+import os
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -181,6 +183,27 @@ def make_handler(
     return Handler
 
 
+def _checked_copy(path: Path) -> int:
+    """An anonymous in-memory copy of `path`, read under the same rules as the configuration
+    (a regular file on disk, size-bounded, never blocking): ssl then opens the copy, so a link
+    swapped in after the configuration was checked cannot hand it another file."""
+    from tcprio.datadog_config import MAX_FILE_BYTES, read_bytes_checked
+
+    data = read_bytes_checked(path, MAX_FILE_BYTES)
+    fd = os.memfd_create("tcprio-tls", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    return fd
+
+
+def _load_cert_chain(context: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
+    fds = [_checked_copy(cert_file), _checked_copy(key_file)]
+    try:
+        context.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
@@ -201,7 +224,7 @@ class Endpoint:
         if config.tls is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
-            context.load_cert_chain(str(config.tls.cert_file), str(config.tls.key_file))
+            _load_cert_chain(context, config.tls.cert_file, config.tls.key_file)
             # the handshake happens on the connection's own thread, not in accept()
             self._server.socket = context.wrap_socket(
                 self._server.socket, server_side=True, do_handshake_on_connect=False
