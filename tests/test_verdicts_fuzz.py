@@ -1094,3 +1094,29 @@ def print_figures() -> Iterator[None]:
         print(f"  {key}: {FIGURES[key]}")
     for key in sorted(MAX_SECONDS):
         print(f"  max seconds, {key}: {MAX_SECONDS[key]:.3f}")
+
+
+def test_a_time_limit_stops_a_slow_analysis_with_its_reason() -> None:
+    """The daemon gives each program ANALYSIS_SECONDS_PER_PROGRAM: the call fan-out that takes
+    seconds with the default limits stops at the clock instead, as unknown."""
+    from tcprio.daemon import ANALYSIS_SECONDS_PER_PROGRAM
+
+    items = []
+    for f in range(8):
+        items += [label(f"f{f}"), mov64_imm(R0, f)]
+        if f < 7:
+            for site in range(8):
+                items += [ldx(4, R2, R1, 0), jeq_imm(R2, site, 1), call_pseudo(f"f{f + 1}")]
+                items.append(mov64_imm(R1, 0))
+        items.append(exit_())
+    code = assemble(items)
+    started = time.perf_counter()
+    verdicts = analyse_program(1, {1: _program(1, code)}, {}, HELPERS,
+                               AnalysisLimits(max_seconds=0.2))  # fmt: skip
+    elapsed = time.perf_counter() - started
+    assert verdicts.values is None
+    assert any("after 0.2 s (time limit reached)" in r for r in verdicts.unknown_reasons), (
+        verdicts.unknown_reasons
+    )
+    assert elapsed < 0.5
+    assert 0 < ANALYSIS_SECONDS_PER_PROGRAM <= 5  # well under the 30 s watchdog

@@ -43,10 +43,14 @@ from tcprio.semantics import action_name
 from tcprio.snapshot import Counters, LiveKey, ProbeState, RunStats, Snapshot
 from tcprio.starvation import starved_hooks
 from tcprio.tc_inventory import PARENT_BY_DIRECTION, read_namespace, refresh_hooks
+from tcprio.verdicts import AnalysisLimits
 from tcprio.watch import NamespaceWatch, NetnsFolderWatch, ProcessExitWatch, TcEvent
 
 NsKey = tuple[int, int]
 STALL_AFTER_S = 30.0
+# A program's verdict is cached; a pathological one gives up (unknown) rather than hold the
+# event loop, and with it /healthz and systemd's 30 s watchdog.
+ANALYSIS_SECONDS_PER_PROGRAM = 2.0
 TCX_RECHECK_S = 1.0  # a tcx link change: hooks read again until they show it, this long
 SETTLE_STEPS_S = (0.05, 0.2, 1.0)  # extra sweeps after a netns folder event
 SETTLE_WINDOW_S = 5.0  # for at most this long after the folder changed
@@ -136,7 +140,7 @@ class Daemon:
         self.selector = selectors.DefaultSelector()
         self.watched: dict[NsKey, Watched] = {}
         self.inventories: dict[NsKey, NamespaceInventory] = {}
-        self.cache = ProgramCache()
+        self.cache = ProgramCache(AnalysisLimits(max_seconds=ANALYSIS_SECONDS_PER_PROGRAM))
         self.counters = Counters()
         self.datadog: DatadogSettings | None = None
         self.snapshot = Snapshot.empty(self.kernel)

@@ -29,7 +29,7 @@ from tcprio.namespaces import discover_namespaces
 from tcprio.programs import ProgramCatalogue, collect_programs
 from tcprio.remedies import attach_remedies, incompatibility_notes
 from tcprio.tc_inventory import read_namespace
-from tcprio.verdicts import analyse_program
+from tcprio.verdicts import AnalysisLimits, analyse_program
 
 
 @dataclass
@@ -77,7 +77,8 @@ class ProgramCache:
     verdict is reused only while those arrays hold the same programs.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limits: AnalysisLimits | None = None) -> None:
+        self.limits = limits or AnalysisLimits()
         self.infos: dict[int, ProgramInfo] = {}
         self._verdicts: dict[int, tuple[tuple, ProgramVerdicts]] = {}
         self._helper_names: Mapping[int, str] | None = None
@@ -103,7 +104,7 @@ class ProgramCache:
             cached = self._verdicts.get(prog_id)
             if cached is None or cached[0] != key:
                 verdict = analyse_program(
-                    prog_id, catalogue.programs, catalogue.maps, self._helpers()
+                    prog_id, catalogue.programs, catalogue.maps, self._helpers(), self.limits
                 )
                 cached = (key, verdict)
             fresh[prog_id] = cached

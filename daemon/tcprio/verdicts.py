@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import heapq
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -99,6 +100,9 @@ class AnalysisLimits:
     max_programs: int = 64  # distinct programs followed through tail calls
     max_contexts: int = 4096  # (call stack, program) pairs analysed separately
     max_values: int = 32  # known values per register before it becomes Unknown
+    # Wall-clock time per program, None for none. The visit budget alone bounds a pathological
+    # program at tens of seconds: the daemon's event loop (and systemd's watchdog) cannot wait.
+    max_seconds: float | None = None
 
 
 # --- abstract values -----------------------------------------------------------------------
@@ -766,6 +770,9 @@ class _Analysis:
         self.unknown_paths: dict[tuple[int, int], str] = {}
         self.global_reasons: list[str] = []
         self.visits = 0
+        self.deadline = (
+            None if limits.max_seconds is None else time.monotonic() + limits.max_seconds
+        )
 
     # -- driver --
 
@@ -854,6 +861,10 @@ class _Analysis:
             self.visits += 1
             if self.visits > limit:
                 raise _Abort(f"analysis stopped after {limit} instructions (limit reached)")
+            if not self.visits & 0xFFF and self.deadline and time.monotonic() > self.deadline:
+                raise _Abort(
+                    f"analysis stopped after {self.limits.max_seconds:g} s (time limit reached)"
+                )
             if pc in broken:
                 self._unknown(prog, pc, broken[pc])
                 return
