@@ -1120,3 +1120,20 @@ def test_a_time_limit_stops_a_slow_analysis_with_its_reason() -> None:
     )
     assert elapsed < 0.5
     assert 0 < ANALYSIS_SECONDS_PER_PROGRAM <= 5  # well under the 30 s watchdog
+
+
+def test_joining_two_layouts_with_pieces_at_the_same_place_does_not_compare_values() -> None:
+    """Found by the random-programs fuzz: a loop doing a 32-bit atomic add to [r10-8] and then
+    a byte store there joins two layouts whose pieces start at the same offset; sorting them
+    compared a Consts with an Unknown (TypeError, reported as an internal error)."""
+    items = [Label("func0"), (0xBF, 6, 1, 0, 0)]  # r6 = r1
+    items += [(0xB7, r, 0, 0, 0) for r in (0, 1, 2, 3, 4, 5, 7, 8, 9)]  # r* = 0
+    items += [(0xB7, 8, 0, 0, 2), Label("top")]  # r8 = 2
+    items += [(0xC3, 10, 0, -8, 0)]  # lock *(u32 *)(r10 - 8) += w0
+    items += [(0x73, 10, 0, -8, 0)]  # *(u8 *)(r10 - 8) = w0
+    items += [(0x17, 8, 0, 0, 1), Jump((0x55, 8, 0, 0, 0), "top")]  # r8 -= 1; if r8 != 0 loop
+    items += [(0x57, 0, 0, 0, 1), (0x95, 0, 0, 0, 0)]  # r0 &= 1; exit
+    insns = bpf_syscalls.decode_insns(assemble_loadable(items))
+    verdicts = analyse_program(1, {1: _program(1, insns)}, {}, HELPERS)
+    assert not any("internal error" in r for r in verdicts.unknown_reasons)
+    assert verdicts.values == frozenset({0})

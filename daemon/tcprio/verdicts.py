@@ -359,7 +359,11 @@ def _join_slot(a: tuple[Piece, ...], b: tuple[Piece, ...], cap: int) -> tuple[Pi
         joined = tuple((x[0], x[1], join(x[2], y[2], cap)) for x, y in zip(a, b, strict=True))
         return a if all(j[2] is x[2] for j, x in zip(joined, a, strict=True)) else joined
     # Different layouts: group the overlapping pieces of both sides.
-    tagged = sorted([(s, z, v, 0) for s, z, v in a] + [(s, z, v, 1) for s, z, v in b])
+    # By offset, size and side only: two pieces at the same place must never compare values.
+    tagged = sorted(
+        [(s, z, v, 0) for s, z, v in a] + [(s, z, v, 1) for s, z, v in b],
+        key=lambda item: (item[0], item[1], item[3]),
+    )
     groups: list[list[tuple[int, int, Value, int]]] = []
     group_end = -1
     for item in tagged:
