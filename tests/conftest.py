@@ -12,4 +12,14 @@ sys.path.insert(0, str(ROOT / "daemon"))
 if os.geteuid() != 0:
     raise SystemExit("tcprio's tests need root: they build namespaces and load BPF programs")
 
+# Hypothesis: CI and `./run.sh test` draw the same examples every run (derandomized), so a red
+# run always means a change broke something. To explore new examples (fuzzing for real), run
+#   HYPOTHESIS_PROFILE=explore .venv/bin/python -m pytest tests/test_verdicts_fuzz.py
+# and turn anything it finds into a plain regression test.
+from hypothesis import settings  # noqa: E402
+
 from tests.bpf_programs import classifier_programs  # noqa: E402, F401  (session fixture)
+
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
