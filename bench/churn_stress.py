@@ -41,7 +41,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,7 +55,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT), str(ROOT / "daemon")]
 
+import daemon_process  # noqa: E402
 import topology  # noqa: E402
+from daemon_process import Daemon, environment_without_systemd, free_port  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from pyroute2 import IPRoute  # noqa: E402
 from topology import NETNS_DIR, PARENT, TC_H_CLSACT, ip_batch, our_namespaces  # noqa: E402
@@ -67,7 +68,6 @@ from tcprio.namespaces import entered_path  # noqa: E402
 from tests.bpf_programs import shared_programs  # noqa: E402
 
 PREFIX = "tcprios-"
-PYTHON = ROOT / ".venv" / "bin" / "python"
 TCPRIO = ROOT / ".venv" / "bin" / "tcprio"
 ETH_P_IP = 0x0800
 PR_SET_PDEATHSIG = 1
@@ -371,79 +371,12 @@ def worker_main(tag: str, worker: int, seed: int, min_ns: int, max_ns: int, rate
 # --- the daemon ----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Daemon:
-    proc: subprocess.Popen
-    port: int
-    log: Path
-
-    def get(self, path: str, timeout: float = 30) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
-
-    def metrics(self) -> str:
-        status, body = self.get("/metrics")
-        if status != 200:
-            raise RuntimeError(f"/metrics answered {status}")
-        return body.decode()
-
-    def resources(self) -> dict[str, int]:
-        pid = self.proc.pid
-        out = {"fds": len(os.listdir(f"/proc/{pid}/fd"))}
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    out[key] = int(value.split()[0]) * 1024
-                elif key == "Threads":
-                    out[key] = int(value)
-        return out
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the daemon exited: {self.log.read_text()[-2000:]}")
-            with contextlib.suppress(OSError):
-                if self.get("/readyz", timeout=5)[0] == 200:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError("the daemon never became ready")
-
-
 @contextlib.contextmanager
 def running_daemon(include: str, workdir: Path, resync: float) -> Iterator[Daemon]:
     port = free_port()
-    config = workdir / "tcprio.yaml"
-    config.write_text(CONFIG.format(port=port, include=include, resync=resync))
-    log = workdir / "daemon.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WATCHDOG_", "NOTIFY_"))}
-    with open(log, "w") as err:
-        proc = subprocess.Popen(
-            [str(PYTHON), "-m", "tcprio", "--config", str(config)], stdout=subprocess.DEVNULL,
-            stderr=err, env=env, preexec_fn=die_with_parent,
-        )  # fmt: skip
-    try:
-        yield Daemon(proc, port, log)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    text = CONFIG.format(port=port, include=include, resync=resync)
+    with daemon_process.running_daemon(text, port, workdir, environment_without_systemd()) as d:
+        yield d
 
 
 # --- scrapers ------------------------------------------------------------------------------------

@@ -24,23 +24,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import random
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import daemon_process
+from daemon_process import Daemon, environment_without_systemd, free_port
 from topology import (
     Topology,
     bpf_syscalls,
@@ -80,58 +78,6 @@ log_level: info
 # --- the daemon under test ----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Daemon:
-    proc: subprocess.Popen
-    port: int
-    log: Path
-
-    def get(self, path: str) -> tuple[int, bytes]:
-        url = f"http://127.0.0.1:{self.port}{path}"
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status, response.read()
-
-    def metrics(self) -> str:
-        return self.get("/metrics")[1].decode()
-
-    def status(self, field_name: str) -> int:
-        """A field of /proc/<pid>/status in bytes (VmRSS, VmHWM)."""
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024
-        raise KeyError(field_name)
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the daemon used so far."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def idle_cpu(self, seconds: float = 5.0) -> float:
-        """Share of one core the daemon uses over `seconds` with nothing changing, no scrapes."""
-        before = self.cpu_seconds()
-        time.sleep(seconds)
-        return (self.cpu_seconds() - before) / seconds
-
-    def wait_ready(self) -> float:
-        started = time.monotonic()
-        while time.monotonic() - started < READY_TIMEOUT_S:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the daemon exited: {self.log.read_text()[-2000:]}")
-            with contextlib.suppress(OSError):
-                if self.get("/readyz")[0] == 200:
-                    return time.monotonic() - started
-            time.sleep(0.05)
-        raise RuntimeError("the daemon never became ready")
-
-
 @dataclass(frozen=True)
 class Launch:
     """How the daemon is started."""
@@ -140,46 +86,18 @@ class Launch:
     profile: Path | None = None  # run it under cProfile, stats written here
 
     def environment(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("WATCHDOG_", "NOTIFY_"))}
-        if self.watchdog_usec:
-            env["WATCHDOG_USEC"] = str(self.watchdog_usec)  # no NOTIFY_SOCKET: pings go nowhere
-        return env
-
-
-def die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the benchmark dies, even by SIGKILL."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        # no NOTIFY_SOCKET: the watchdog pings go nowhere
+        extra = {"WATCHDOG_USEC": str(self.watchdog_usec)} if self.watchdog_usec else {}
+        return environment_without_systemd(extra)
 
 
 @contextlib.contextmanager
 def running_daemon(include: str, workdir: Path, launch: Launch) -> Iterator[Daemon]:
     port = free_port()
-    config = workdir / f"tcprio-{port}.yaml"
-    config.write_text(CONFIG.format(port=port, include=include))
-    log = workdir / f"daemon-{port}.log"
     profiler = ["-m", "cProfile", "-o", str(launch.profile)] if launch.profile else []
-    argv = [str(PYTHON), *profiler, "-m", "tcprio", "--config", str(config)]
-    with open(log, "w") as err:
-        proc = subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=err, env=launch.environment(),
-            preexec_fn=die_with_parent,
-        )  # fmt: skip
-    daemon = Daemon(proc, port, log)
-    try:
-        yield daemon
-    finally:
-        stop(proc)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    text = CONFIG.format(port=port, include=include)
+    with daemon_process.running_daemon(text, port, workdir, launch.environment(), profiler) as d:
+        yield d
 
 
 # --- reading /metrics -----------------------------------------------------------------------------
@@ -619,7 +537,7 @@ def bench_populated(args: argparse.Namespace, workdir: Path) -> Results:
         ) as daemon,
     ):
         print(f"topology: {args.pods} pods built in {topo.build_seconds:.1f} s", flush=True)
-        ready = daemon.wait_ready()
+        ready = daemon.wait_ready(READY_TIMEOUT_S)
         text = daemon.metrics()
         first = (gauge(text, "tcprio_analysis_duration_seconds") or 0) * 1000
         rss0 = daemon.status("VmRSS")
@@ -656,7 +574,7 @@ def bench_populated(args: argparse.Namespace, workdir: Path) -> Results:
 def bench_empty(args: argparse.Namespace, workdir: Path) -> Baseline:
     launch = Launch(args.watchdog_usec)
     with Topology(0, args.seed) as topo, running_daemon(topo.include_glob, workdir, launch) as d:
-        d.wait_ready()
+        d.wait_ready(READY_TIMEOUT_S)
         idle = d.idle_cpu()
         return Baseline(measure_scrapes(d, args.scrapes), d.status("VmRSS"), idle)
 
