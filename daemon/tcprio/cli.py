@@ -65,18 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GLOB",
         help="only scan namespaces whose name matches GLOB (repeatable; default: all)",
     )
-    parser.add_argument(
-        "--datadog-config",
-        action="append",
-        metavar="FILE",
-        help="Datadog system-probe.yaml / security-agent.yaml to read instead of the ones in "
-        "/etc/datadog-agent (repeatable; a running system-probe's own config still wins)",
-    )
-    parser.add_argument(
-        "--no-agent-process",
-        action="store_true",
-        help="do not read a running system-probe's own environment and config file",
-    )
+    _add_datadog_arguments(parser)
     parser.add_argument(
         "--cilium-version",
         metavar="VERSION",
@@ -95,10 +84,17 @@ def _namespace_filter(patterns: Sequence[str] | None):
     return discover
 
 
-def run_scan_command(args: argparse.Namespace) -> int:
+def _refused(command: str) -> bool:
+    """True, after one line on stderr saying what is needed, when this process may not read
+    what tcprio needs (root's capabilities, BPF access)."""
     problem = privileges.missing_privileges()
     if problem:
-        print(f"tcprio: {problem}", file=sys.stderr)
+        print(f"{command}: {problem}", file=sys.stderr)
+    return problem is not None
+
+
+def run_scan_command(args: argparse.Namespace) -> int:
+    if _refused("tcprio"):
         return EXIT_FAILED
     # Imported here so that `--help` and the privilege check stay fast and dependency-light.
     from tcprio.datadog_config import DEFAULT_FILES, resolve_settings
@@ -132,9 +128,7 @@ def run_scan_command(args: argparse.Namespace) -> int:
 
 
 def run_daemon_command(args: argparse.Namespace) -> int:
-    problem = privileges.missing_privileges()
-    if problem:
-        print(f"tcprio: {problem}", file=sys.stderr)
+    if _refused("tcprio"):
         return EXIT_FAILED
     from tcprio.daemon import run_daemon
 
@@ -147,7 +141,7 @@ def _add_datadog_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         metavar="FILE",
         help="Datadog system-probe.yaml / security-agent.yaml to read instead of the ones in "
-        "/etc/datadog-agent (repeatable)",
+        "/etc/datadog-agent (repeatable; a running system-probe's own config still wins)",
     )
     parser.add_argument(
         "--no-agent-process",
@@ -190,9 +184,7 @@ def build_bundle_parser() -> argparse.ArgumentParser:
 
 def run_bundle_command(argv: list[str]) -> int:
     args = build_bundle_parser().parse_args(argv)
-    problem = privileges.missing_privileges()
-    if problem:
-        print(f"tcprio bundle: {problem}", file=sys.stderr)
+    if _refused("tcprio bundle"):
         return EXIT_FAILED
     from tcprio.bundle import run_bundle
 
@@ -235,9 +227,7 @@ def build_selftest_parser() -> argparse.ArgumentParser:
 
 def run_selftest_command(argv: list[str]) -> int:
     args = build_selftest_parser().parse_args(argv)
-    problem = privileges.missing_privileges()
-    if problem:
-        print(f"tcprio self-test: {problem}", file=sys.stderr)
+    if _refused("tcprio self-test"):
         return EXIT_FAILED
     from tcprio.selftest_cli import run_selftest
 
