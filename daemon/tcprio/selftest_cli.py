@@ -120,6 +120,9 @@ def run_selftest(args: argparse.Namespace) -> int:
         report = run_self_test(options, settings, on_step=show)
     except KeyboardInterrupt:
         report = SelfTestReport(0, "", interrupted=True)
+    # A library may catch the KeyboardInterrupt on its way out (pyroute2's asyncio core turns
+    # it into a netlink error): the signal itself says whether the run was interrupted.
+    report.interrupted = report.interrupted or stop.received is not None
     if text:
         print(verdict_line(report))
     else:
