@@ -62,9 +62,9 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from pyroute2 import IPRoute  # noqa: E402
 from topology import NETNS_DIR, PARENT, TC_H_CLSACT, ip_batch, our_namespaces  # noqa: E402
 
-from tcprio import bpf_syscalls  # noqa: E402
+from tcprio.kernel import bpf_syscalls  # noqa: E402
+from tcprio.kernel.namespaces import entered_path  # noqa: E402
 from tcprio.model import ETH_P_ALL, Direction  # noqa: E402
-from tcprio.namespaces import entered_path  # noqa: E402
 from tests.bpf_programs import shared_programs  # noqa: E402
 
 PREFIX = "tcprios-"

@@ -40,7 +40,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "daemon"), str(ROOT / "bench")]
 
 from topology import Topology, cleanup_leftovers, sigterm_as_interrupt  # noqa: E402
 
-from tcprio.namespaces import discover_namespaces  # noqa: E402
+from tcprio.kernel.namespaces import discover_namespaces  # noqa: E402
 from tcprio.scan import enumerate_namespaces  # noqa: E402
 
 TCPRIO = str(ROOT / ".venv" / "bin" / "tcprio")
@@ -165,7 +165,7 @@ class Row:
 
 
 def per_pod_namespace_us(topo: Topology) -> float:
-    from tcprio.tc_inventory import read_namespace
+    from tcprio.kernel.tc_inventory import read_namespace
 
     pods = [ns for ns in discover_namespaces() if ns.name in set(topo.pods)]
     costs = []

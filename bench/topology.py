@@ -49,9 +49,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "daemon")]
 
 from pyroute2 import IPRoute  # noqa: E402
 
-from tcprio import bpf_syscalls  # noqa: E402
+from tcprio.kernel import bpf_syscalls  # noqa: E402
+from tcprio.kernel.namespaces import entered_path  # noqa: E402
 from tcprio.model import ETH_P_ALL, Direction  # noqa: E402
-from tcprio.namespaces import entered_path  # noqa: E402
 from tests.bpf_programs import ClassifierPrograms, shared_programs  # noqa: E402
 
 PREFIX = "tcpriob-"

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tcprio import bpf_syscalls
-from tcprio.bcc_support import prepare_bcc_environment
+from tcprio.kernel import bpf_syscalls
+from tcprio.kernel.bcc_support import prepare_bcc_environment
 from tcprio.model import ETH_P_ALL, Direction
 from tests.kernel import TestNetns
 

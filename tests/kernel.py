@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from tcprio.namespaces import entered_path
+from tcprio.kernel.namespaces import entered_path
 
 NETNS_PREFIX = "tcpriot-"
 _counter = itertools.count()

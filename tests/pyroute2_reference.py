@@ -1,6 +1,6 @@
 """The reference reader for the tests: tcprio's earlier tc inventory, through pyroute2.
 
-tcprio's own reader (daemon/tcprio/rtnetlink.py) unpacks netlink by hand for speed; the tests
+tcprio's own reader (daemon/tcprio/kernel/rtnetlink.py) unpacks netlink by hand for speed; the tests
 read the same kernel state with this pyroute2-based one and compare. Netlink goes through
 pyroute2. pyroute2 0.9.7 does not decode a few attributes tcprio needs
 (TCA_CHAIN, and cls_bpf's TCA_BPF_ID, TCA_BPF_TAG, TCA_BPF_FLAGS_GEN), so the message classes
@@ -20,6 +20,8 @@ from pyroute2.netlink import rtnl
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.tcmsg import sched_bpf, tcmsg
 
+from tcprio.kernel.namespaces import NamespaceGone, entered
+from tcprio.kernel.tc_inventory import _read_tcx  # tcx is not netlink: the same code for both
 from tcprio.model import (
     Direction,
     HookInventory,
@@ -28,8 +30,6 @@ from tcprio.model import (
     NetNamespace,
     TcFilter,
 )
-from tcprio.namespaces import NamespaceGone, entered
-from tcprio.tc_inventory import _read_tcx  # tcx is not netlink: the same code for both
 
 TC_H_CLSACT = 0xFFFFFFF1  # also TC_H_INGRESS: the parent of both clsact and ingress qdiscs
 PARENT_BY_DIRECTION = {Direction.INGRESS: 0xFFFFFFF2, Direction.EGRESS: 0xFFFFFFF3}

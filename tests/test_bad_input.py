@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from tcprio import datadog_config as dc
-from tcprio.config import MAX_CONFIG_BYTES, ConfigError, load_config
+from tcprio.kernel.namespaces import discover_namespaces
 from tcprio.model import Direction
-from tcprio.namespaces import discover_namespaces
+from tcprio.service.config import MAX_CONFIG_BYTES, ConfigError, load_config
 from tests.bpf_programs import attach_filter
 from tests.kernel import add_clsact, netns, veth_in_one
 from tests.test_daemon import daemon as daemon_ctx

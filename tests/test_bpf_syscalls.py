@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tcprio import bpf_syscalls
+from tcprio.kernel import bpf_syscalls
 from tcprio.model import Direction, Instruction
 from tests.bpf_programs import (
     PROGRAM_NAMES,

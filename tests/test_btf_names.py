@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tcprio import bpf_syscalls
+from tcprio.kernel import bpf_syscalls
 from tests.bpf_programs import PROGRAM_NAMES, ClassifierPrograms
 
 BPF_OBJ_NAME_LEN = 16

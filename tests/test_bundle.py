@@ -38,8 +38,8 @@ from tcprio.bundle import (
     safe_name,
     unique_name,
 )
+from tcprio.kernel.namespaces import discover_namespaces
 from tcprio.model import Direction
-from tcprio.namespaces import discover_namespaces
 from tests.bpf_programs import attach_filter
 from tests.kernel import TestNetns, add_clsact, netns, run, veth_in_one
 

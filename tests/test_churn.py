@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tcprio.churn import diff_inventories
+from tcprio.analysis.churn import diff_inventories
 from tcprio.model import (
     Direction,
     HookInventory,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tcprio.config import (
+from tcprio.service.config import (
     ConfigError,
     DaemonConfig,
     load_config,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from itertools import count
 
-from tcprio.conflicts import DatadogTarget, HookClassifiers, analyse, execution_order
+from tcprio.analysis.conflicts import DatadogTarget, HookClassifiers, analyse, execution_order
 from tcprio.model import (
     Classifier,
     ClassifierVerdict,

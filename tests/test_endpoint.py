@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tcprio.config import BasicAuth, DaemonConfig, TlsConfig
-from tcprio.endpoint import Endpoint
-from tcprio.metrics import MetricsRenderer
-from tcprio.snapshot import Snapshot
+from tcprio.service.config import BasicAuth, DaemonConfig, TlsConfig
+from tcprio.service.endpoint import Endpoint
+from tcprio.service.metrics import MetricsRenderer
+from tcprio.service.snapshot import Snapshot
 
 SNAPSHOT = replace(Snapshot.empty("test-kernel"), ready=True)
 

@@ -20,11 +20,11 @@ from dataclasses import replace
 
 import pytest
 
-from tcprio import endpoint as endpoint_module
-from tcprio.config import BasicAuth, DaemonConfig
-from tcprio.endpoint import Endpoint
-from tcprio.metrics import MetricsRenderer
-from tcprio.snapshot import Snapshot
+from tcprio.service import endpoint as endpoint_module
+from tcprio.service.config import BasicAuth, DaemonConfig
+from tcprio.service.endpoint import Endpoint
+from tcprio.service.metrics import MetricsRenderer
+from tcprio.service.snapshot import Snapshot
 
 SNAPSHOT = replace(Snapshot.empty("test-kernel"), ready=True)
 AUTH = BasicAuth("prom", "s3cret")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tcprio import bpf_syscalls, helper_cache
-from tcprio.helper_cache import CACHE_NAME, kernel_fingerprint, read_cache, write_cache
+from tcprio.kernel import bpf_syscalls, helper_cache
+from tcprio.kernel.helper_cache import CACHE_NAME, kernel_fingerprint, read_cache, write_cache
 
 HELPERS = {0x100: "bpf_redirect", -0x200: "htab_map_lookup_elem"}
 

@@ -21,9 +21,10 @@ from typing import Any
 
 import pytest
 
-from tcprio import bpf_syscalls
-from tcprio.bpf_syscalls import BpfError
-from tcprio.live_probe import (
+from tcprio.kernel import bpf_syscalls
+from tcprio.kernel.bpf_syscalls import BpfError
+from tcprio.model import Direction
+from tcprio.service.live_probe import (
     FEXIT_CLASSIFY,
     FEXIT_PROG,
     TRIVIAL_PROGRAM,
@@ -42,7 +43,6 @@ from tcprio.live_probe import (
     verdict_key,
     with_target_id,
 )
-from tcprio.model import Direction
 from tests.bpf_programs import ClassifierPrograms, attach_filter
 from tests.kernel import TestNetns, add_clsact, netns, veth
 from tests.test_run_counters import RECEIVER_IP, SENDER_IP, send_udp

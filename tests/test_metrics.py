@@ -6,9 +6,10 @@ from dataclasses import replace
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tcprio.conflicts import DatadogTarget, analyse
-from tcprio.metrics import MetricsRenderer
-from tcprio.snapshot import RunStats, Snapshot
+from tcprio.analysis.conflicts import DatadogTarget, analyse
+from tcprio.model import RunStats
+from tcprio.service.metrics import MetricsRenderer
+from tcprio.service.snapshot import Snapshot
 from tests.test_conflicts import clsact, datadog, hook
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tcprio.namespaces import (
+from tcprio.kernel.namespaces import (
     NamespaceGone,
     current_namespace_key,
     discover_namespaces,

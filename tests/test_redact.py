@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from tcprio.redact import (
+from tcprio.bundle.redact import (
     MASK,
     is_sensitive_key,
     redact_bytes,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from tcprio.daemon import hooks_to_refresh
+from tcprio.kernel.namespaces import discover_namespaces
+from tcprio.kernel.tc_inventory import read_namespace, refresh_hooks
 from tcprio.model import Direction
-from tcprio.namespaces import discover_namespaces
-from tcprio.tc_inventory import read_namespace, refresh_hooks
-from tcprio.watch import TcEvent
+from tcprio.service.daemon import hooks_to_refresh
+from tcprio.service.watch import TcEvent
 from tests.bpf_programs import attach_filter
 from tests.kernel import add_clsact, netns, veth_in_one
 

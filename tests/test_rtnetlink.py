@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tcprio import rtnetlink, tc_inventory
+from tcprio.kernel import rtnetlink, tc_inventory
+from tcprio.kernel.namespaces import discover_namespaces
+from tcprio.kernel.rtnetlink import NetlinkError, RtnlSocket, parse_attrs
 from tcprio.model import NetNamespace
-from tcprio.namespaces import discover_namespaces
-from tcprio.rtnetlink import NetlinkError, RtnlSocket, parse_attrs
 from tests import pyroute2_reference
 from tests.bpf_programs import attach_filter
 from tests.kernel import add_clsact, netns, veth_in_one

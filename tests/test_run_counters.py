@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tcprio import bpf_syscalls
+from tcprio.kernel import bpf_syscalls
 from tcprio.model import Direction, Severity
 from tests.bpf_programs import ClassifierPrograms, attach_filter
 from tests.kernel import TestNetns, add_clsact, netns, veth

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from tcprio.kernel.namespaces import discover_namespaces
 from tcprio.model import DatadogSettings, Direction, HookKind, Setting, Severity, VerdictClass
-from tcprio.namespaces import discover_namespaces
 from tcprio.scan import Scan, run_scan
 from tests.bpf_programs import attach_filter, attach_tcx
 from tests.kernel import TestNetns, add_clsact, netns, run, veth_in_one

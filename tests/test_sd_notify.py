@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tcprio import sd_notify
+from tcprio.service import sd_notify
 
 
 class Listener:

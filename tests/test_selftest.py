@@ -18,11 +18,12 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from tcprio import bpf_syscalls, selftest_scene
 from tcprio.datadog_config import resolve_settings
+from tcprio.kernel import bpf_syscalls
+from tcprio.kernel.namespaces import entered_path
 from tcprio.model import ETH_P_ALL, Direction
-from tcprio.namespaces import entered_path
-from tcprio.selftest import (
+from tcprio.selftest import scene as selftest_scene
+from tcprio.selftest.runner import (
     SelfTestOptions,
     SelfTestReport,
     Status,
@@ -31,12 +32,12 @@ from tcprio.selftest import (
     plan_scene,
     run_self_test,
 )
-from tcprio.selftest_scene import NODE_IF, Scene
+from tcprio.selftest.scene import NODE_IF, Scene
 from tests.kernel import run
 from tests.test_daemon import free_port
 
 TCPRIO = [sys.executable, "-m", "tcprio"]
-SCHEMA = Path(selftest_scene.__file__).parent / "data" / "selftest-schema-v1.json"
+SCHEMA = Path(selftest_scene.__file__).resolve().parents[1] / "data" / "selftest-schema-v1.json"
 NO_DATADOG = ["--datadog-config", "/nonexistent/system-probe.yaml", "--no-agent-process"]
 
 
@@ -153,7 +154,7 @@ def test_a_priority_outside_the_tc_range_is_refused_in_one_line():
 
 
 def run_broken(break_scene: Callable[[Scene], None], priority: int = 10) -> SelfTestReport:
-    from tcprio.selftest import SelfTestHooks
+    from tcprio.selftest.runner import SelfTestHooks
 
     options = SelfTestOptions(classifier_priority=priority, daemon_check=False, packets=20)
     return run_self_test(options, node_settings(), SelfTestHooks(after_build=break_scene))

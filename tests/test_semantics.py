@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tcprio import semantics
+from tcprio.analysis import semantics
 from tcprio.model import VerdictClass
 
 TERMINAL, TRANSPARENT, UNKNOWN = (

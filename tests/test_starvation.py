@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tcprio.conflicts import DatadogTarget, analyse
-from tcprio.snapshot import RunStats
-from tcprio.starvation import MIN_WINDOW_S, starved_hooks
+from tcprio.analysis.conflicts import DatadogTarget, analyse
+from tcprio.analysis.starvation import MIN_WINDOW_S, starved_hooks
+from tcprio.model import RunStats
 from tests.test_conflicts import clsact, datadog, hook
 
 TARGET = DatadogTarget(priority=10)

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tcprio.analysis.verdicts import AnalysisLimits, analyse_program, explain
 from tcprio.model import Instruction, MapInfo, ProgramInfo, ProgramVerdicts
-from tcprio.verdicts import AnalysisLimits, analyse_program, explain
 from tests.bpf_asm import (
     R0,
     R1,

@@ -31,9 +31,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tcprio import bpf_syscalls
+from tcprio.analysis.verdicts import AnalysisLimits, analyse_program, explain
+from tcprio.kernel import bpf_syscalls
 from tcprio.model import Instruction, MapInfo, ProgramInfo, ProgramVerdicts
-from tcprio.verdicts import AnalysisLimits, analyse_program, explain
 from tests.bpf_asm import (
     R0,
     R1,
@@ -1097,7 +1097,7 @@ def print_figures() -> Iterator[None]:
 def test_a_time_limit_stops_a_slow_analysis_with_its_reason() -> None:
     """The daemon gives each program ANALYSIS_SECONDS_PER_PROGRAM: the call fan-out that takes
     seconds with the default limits stops at the clock instead, as unknown."""
-    from tcprio.daemon import ANALYSIS_SECONDS_PER_PROGRAM
+    from tcprio.service.daemon import ANALYSIS_SECONDS_PER_PROGRAM
 
     items = []
     for f in range(8):

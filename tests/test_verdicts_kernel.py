@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from tcprio import bpf_syscalls, semantics
+from tcprio.analysis import semantics
+from tcprio.analysis.verdicts import analyse_program, explain
+from tcprio.kernel import bpf_syscalls
 from tcprio.model import ClassifierVerdict, MapInfo, ProgramInfo, ProgramVerdicts, VerdictClass
-from tcprio.verdicts import analyse_program, explain
 from tests.bpf_programs import ClassifierPrograms
 
 TERMINAL, TRANSPARENT = VerdictClass.TERMINAL, VerdictClass.TRANSPARENT

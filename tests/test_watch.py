@@ -7,8 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from tcprio.namespaces import discover_namespaces
-from tcprio.watch import (
+from tcprio.kernel.namespaces import discover_namespaces
+from tcprio.service.watch import (
     NamespaceWatch,
     NetnsFolderWatch,
     ProcessExitWatch,

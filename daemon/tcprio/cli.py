@@ -11,10 +11,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tcprio import __version__, privileges
-from tcprio.config import DEFAULT_CONFIG_PATH
+from tcprio import __version__
+from tcprio.kernel import privileges
+from tcprio.kernel.namespaces import discover_namespaces
 from tcprio.model import NetNamespace
-from tcprio.namespaces import discover_namespaces
+from tcprio.service.config import DEFAULT_CONFIG_PATH
 
 EXIT_FAILED = 3
 
@@ -130,7 +131,7 @@ def run_scan_command(args: argparse.Namespace) -> int:
 def run_daemon_command(args: argparse.Namespace) -> int:
     if _refused("tcprio"):
         return EXIT_FAILED
-    from tcprio.daemon import run_daemon
+    from tcprio.service.daemon import run_daemon
 
     return run_daemon(Path(args.config), args.listen_address)
 
@@ -229,7 +230,7 @@ def run_selftest_command(argv: list[str]) -> int:
     args = build_selftest_parser().parse_args(argv)
     if _refused("tcprio self-test"):
         return EXIT_FAILED
-    from tcprio.selftest_cli import run_selftest
+    from tcprio.selftest.cli import run_selftest
 
     return run_selftest(args)
 

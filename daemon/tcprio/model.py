@@ -280,3 +280,14 @@ class ScanResult:
     recommended_priority: int | None = None
     recommendation_note: str = ""
     notes: list[str] = field(default_factory=list)
+
+
+HookKey = tuple[str, str, str]  # namespace, interface, direction
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """A program's BPF run statistics (`run_cnt`, `run_time_ns`, kept while stats are enabled)."""
+
+    run_cnt: int
+    run_time_ns: int

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tcprio import __version__
+from tcprio.analysis.verdicts import explain
 from tcprio.model import (
     Classifier,
     Conflict,
@@ -27,7 +28,6 @@ from tcprio.model import (
     VerdictClass,
 )
 from tcprio.scan import Scan
-from tcprio.verdicts import explain
 
 SCHEMA_NAME = "tcprio.scan"
 SCHEMA_VERSION = 1

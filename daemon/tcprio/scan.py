@@ -6,9 +6,15 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from tcprio import bpf_syscalls, semantics, vendors
-from tcprio.conflicts import DatadogTarget, HookClassifiers, analyse
+from tcprio.analysis import semantics, vendors
+from tcprio.analysis.conflicts import DatadogTarget, HookClassifiers, analyse
+from tcprio.analysis.remedies import attach_remedies, incompatibility_notes
+from tcprio.analysis.verdicts import AnalysisLimits, analyse_program
 from tcprio.datadog_config import resolve_settings
+from tcprio.kernel import bpf_syscalls
+from tcprio.kernel.namespaces import discover_namespaces
+from tcprio.kernel.programs import ProgramCatalogue, collect_programs
+from tcprio.kernel.tc_inventory import read_namespace
 from tcprio.model import (
     Classifier,
     ClassifierVerdict,
@@ -25,11 +31,6 @@ from tcprio.model import (
     TcxEntry,
     VerdictClass,
 )
-from tcprio.namespaces import discover_namespaces
-from tcprio.programs import ProgramCatalogue, collect_programs
-from tcprio.remedies import attach_remedies, incompatibility_notes
-from tcprio.tc_inventory import read_namespace
-from tcprio.verdicts import AnalysisLimits, analyse_program
 
 
 @dataclass

@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from tcprio import __version__
+from tcprio.bundle.redact import MASK, redact_bytes, redact_text
 from tcprio.model import DatadogSettings, NetNamespace
-from tcprio.redact import MASK, redact_bytes, redact_text
 
 EXIT_WRITTEN, EXIT_DECLINED, EXIT_CANNOT_PROMPT, EXIT_NOT_WRITTEN = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130
@@ -460,7 +460,7 @@ def hooked_interfaces(qdiscs_json: bytes, links_json: bytes) -> list[tuple[str, 
 
 def netns_collector(ns: NetNamespace, folder: str) -> Collector:
     def collect() -> list[Item]:
-        from tcprio.namespaces import NamespaceGone, open_namespace
+        from tcprio.kernel.namespaces import NamespaceGone, open_namespace
 
         g = Gather()
         g.add(f"{folder}/namespace.json", _json_bytes(_namespace_json(ns)))
@@ -544,8 +544,8 @@ def _daemon_config_json(config: Any) -> dict[str, Any]:
 
 def tcprio_config_collector(ctx: Context) -> Collector:
     def collect() -> list[Item]:
-        from tcprio.config import ConfigError, load_config
         from tcprio.datadog_config import ConfigReadError
+        from tcprio.service.config import ConfigError, load_config
 
         g = Gather()
         path = Path(ctx.args.config)

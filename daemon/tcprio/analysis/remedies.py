@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tcprio import vendors
-from tcprio.conflicts import severity_rank
+from tcprio.analysis import vendors
+from tcprio.analysis.conflicts import severity_rank
 from tcprio.datadog_config import (
     disable_network_remedy,
     disable_workload_protection_remedy,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from tcprio.config import BasicAuth, DaemonConfig
+from tcprio.service.config import BasicAuth, DaemonConfig
 
 CLIENT_TIMEOUT_S = 10.0  # for each read or write on a connection
 REQUEST_DEADLINE_S = 30.0  # for a whole request, from waiting for it to the last byte sent

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from tcprio import bpf_syscalls
+from tcprio.kernel import bpf_syscalls
 from tcprio.model import MapInfo, ProgramInfo
 
 BPF_MAP_TYPE_PROG_ARRAY = 3

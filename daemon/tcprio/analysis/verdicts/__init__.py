@@ -20,8 +20,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from tcprio.analysis.semantics import describe_values
 from tcprio.model import ExitPath, Instruction, MapInfo, ProgramInfo, ProgramVerdicts
-from tcprio.semantics import describe_values
 
 U64 = (1 << 64) - 1
 U32 = 0xFFFFFFFF

@@ -10,7 +10,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from tcprio.selftest import SelfTestOptions, SelfTestReport, Status, StepResult, run_self_test
+from tcprio.selftest.runner import (
+    SelfTestOptions,
+    SelfTestReport,
+    Status,
+    StepResult,
+    run_self_test,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from tcprio import __version__
 from tcprio.model import Classifier, HookReport, Setting, Severity
-from tcprio.snapshot import Snapshot
+from tcprio.service.snapshot import Snapshot
 
 PREFIX = "tcprio"
 

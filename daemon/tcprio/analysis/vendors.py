@@ -46,7 +46,7 @@ def parse_rules(text: str) -> tuple[VendorRule, ...]:
 
 @lru_cache(maxsize=1)
 def default_rules() -> tuple[VendorRule, ...]:
-    text = (Path(__file__).parent / "data" / "vendors.yaml").read_text()
+    text = (Path(__file__).resolve().parents[1] / "data" / "vendors.yaml").read_text()
     return parse_rules(text)
 
 

@@ -11,11 +11,10 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from tcprio.churn import Change
-from tcprio.model import DatadogSettings, ProgramInfo, ScanResult
+from tcprio.analysis.churn import Change
+from tcprio.model import DatadogSettings, HookKey, ProgramInfo, RunStats, ScanResult
 
 ChangeKey = tuple[str, str, str, int, str]  # namespace, interface, direction, priority, change
-HookKey = tuple[str, str, str]  # namespace, interface, direction
 LiveKey = tuple[str, str, str, str, str]  # namespace, interface, direction, priority, verdict
 
 
@@ -65,12 +64,6 @@ class ProbeState:
     available: bool
     mode: str
     reason: str
-
-
-@dataclass(frozen=True)
-class RunStats:
-    run_cnt: int
-    run_time_ns: int
 
 
 @dataclass(frozen=True)

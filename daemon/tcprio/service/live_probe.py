@@ -32,13 +32,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from tcprio import bpf_syscalls
-from tcprio.bcc_support import HeadersMissing, prepare_bcc_environment
-from tcprio.bpf_syscalls import BPF_TRACE_FEXIT, BpfError, main_func_btf_id
-from tcprio.btf import KIND_FUNC, Btf, BtfLookupError
+from tcprio.kernel import bpf_syscalls
+from tcprio.kernel.bcc_support import HeadersMissing, prepare_bcc_environment
+from tcprio.kernel.bpf_syscalls import BPF_TRACE_FEXIT, BpfError, main_func_btf_id
+from tcprio.kernel.btf import KIND_FUNC, Btf, BtfLookupError
 from tcprio.model import Direction
 
-VERDICT_PROBE_C = Path(__file__).resolve().parents[2] / "bpf" / "verdict_probe.c"
+VERDICT_PROBE_C = Path(__file__).resolve().parents[3] / "bpf" / "verdict_probe.c"
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 KPROBE_PMU_TYPE = Path("/sys/bus/event_source/devices/kprobe/type")
 KERNEL_CONFIG = Path("/proc/config.gz")

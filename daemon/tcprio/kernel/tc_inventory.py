@@ -10,7 +10,9 @@ import errno
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
-from tcprio import bpf_syscalls, rtnetlink
+from tcprio.kernel import bpf_syscalls, rtnetlink
+from tcprio.kernel.namespaces import NamespaceGone, entered
+from tcprio.kernel.rtnetlink import FilterMessage, NetlinkError, RtnlSocket
 from tcprio.model import (
     Direction,
     HookInventory,
@@ -20,8 +22,6 @@ from tcprio.model import (
     TcFilter,
     TcxEntry,
 )
-from tcprio.namespaces import NamespaceGone, entered
-from tcprio.rtnetlink import FilterMessage, NetlinkError, RtnlSocket
 
 TC_H_CLSACT = 0xFFFFFFF1  # also TC_H_INGRESS: the parent of both clsact and ingress qdiscs
 PARENT_BY_DIRECTION = {Direction.INGRESS: 0xFFFFFFF2, Direction.EGRESS: 0xFFFFFFF3}

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from types import MappingProxyType
 
-from tcprio.btf import parse_btf_func_names
+from tcprio.kernel.btf import parse_btf_func_names
 from tcprio.model import Direction, Instruction, MapInfo, ProgramInfo, TcxEntry
 
 _BPF_SYSCALL_NR = {"x86_64": 321, "aarch64": 280}
@@ -1045,7 +1045,7 @@ def may_be_helper(name: str) -> bool:
 def helper_symbols() -> dict[int, str]:
     """`load_helper_symbols()` of this machine, read once per process, and kept across
     processes until the next reboot or module change (`helper_cache`)."""
-    from tcprio import helper_cache
+    from tcprio.kernel import helper_cache
 
     fingerprint = helper_cache.kernel_fingerprint()
     if fingerprint is None:

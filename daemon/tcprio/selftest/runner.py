@@ -28,10 +28,20 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
-from tcprio import bpf_syscalls, selftest_scene
-from tcprio.model import Classifier, DatadogSettings, Direction, HookKind, Setting, VerdictClass
+from tcprio.kernel import bpf_syscalls
+from tcprio.model import (
+    Classifier,
+    DatadogSettings,
+    Direction,
+    HookKey,
+    HookKind,
+    RunStats,
+    Setting,
+    VerdictClass,
+)
 from tcprio.scan import Scan
-from tcprio.selftest_scene import (
+from tcprio.selftest import scene as selftest_scene
+from tcprio.selftest.scene import (
     NODE_ADDR,
     NODE_IF,
     POD_ADDR,
@@ -41,7 +51,6 @@ from tcprio.selftest_scene import (
     Scene,
     SceneError,
 )
-from tcprio.snapshot import HookKey, RunStats
 
 TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_PIPE = -1, 0, 2, 3
 PACKETS_PER_DIRECTION = 50
@@ -438,7 +447,7 @@ def run_traffic(scene: Scene, packets: int) -> tuple[StepResult, TrafficEvidence
 
 
 def check_starvation(scene: Scene, scan: Scan, evidence: TrafficEvidence | None) -> StepResult:
-    from tcprio.starvation import starved_hooks
+    from tcprio.analysis.starvation import starved_hooks
 
     name = "sees the observers starved"
     if evidence is None:
@@ -482,7 +491,7 @@ def _severity_for_daemon(severity: str, node_settings: DatadogSettings) -> str:
 def check_daemon(
     scene: Scene, options: SelfTestOptions, node_settings: DatadogSettings
 ) -> StepResult:
-    from tcprio import selftest_daemon as sd
+    from tcprio.selftest import running_daemon as sd
 
     name = "conflicts reach the daemon's /metrics"
     if not options.daemon_check:
@@ -600,7 +609,7 @@ LATER_STEPS = (
 
 
 def _scan_scene(scene: Scene, settings: DatadogSettings) -> Scan:
-    from tcprio.namespaces import discover_namespaces
+    from tcprio.kernel.namespaces import discover_namespaces
     from tcprio.scan import run_scan
 
     names = {scene.node_ns, scene.pod_ns}
@@ -689,7 +698,7 @@ def _silently(action: Callable, *args: object) -> None:
 
 
 def _compile_failure(exc: Exception) -> StepResult:
-    from tcprio.bcc_support import HeadersMissing
+    from tcprio.kernel.bcc_support import HeadersMissing
 
     if isinstance(exc, HeadersMissing):
         detail = (

@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-from tcprio.model import ScanResult, Severity
-from tcprio.snapshot import HookKey, RunStats
+from tcprio.model import HookKey, RunStats, ScanResult, Severity
 
 Samples = Sequence[tuple[float, Mapping[int, RunStats]]]
 MIN_WINDOW_S = 5.0

@@ -20,11 +20,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tcprio import bpf_syscalls
+from tcprio.kernel import bpf_syscalls
+from tcprio.kernel.namespaces import entered_path
 from tcprio.model import ETH_P_ALL, Direction, HookKind
-from tcprio.namespaces import entered_path
 
-CLASSIFIERS_C = Path(__file__).resolve().parents[2] / "bpf" / "classifiers.c"
+CLASSIFIERS_C = Path(__file__).resolve().parents[3] / "bpf" / "classifiers.c"
 NETNS_DIR = Path("/run/netns")
 NETNS_PREFIX = "tcprio-selftest-"
 _NETNS_NAME = re.compile(rf"^{re.escape(NETNS_PREFIX)}(\d+)-(node|pod)$")
@@ -135,7 +135,7 @@ class ProgramFactory:
     """
 
     def __init__(self, source: Path = CLASSIFIERS_C) -> None:
-        from tcprio.bcc_support import HeadersMissing, prepare_bcc_environment
+        from tcprio.kernel.bcc_support import HeadersMissing, prepare_bcc_environment
 
         headers = prepare_bcc_environment()
         if not (headers / "include" / "linux").is_dir():

@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tcprio.kernel.namespaces import entered
 from tcprio.model import NetNamespace
-from tcprio.namespaces import entered
 
 NETLINK_ROUTE = 0
 RTMGRP_LINK = 0x1

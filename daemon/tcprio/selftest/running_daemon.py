@@ -21,8 +21,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tcprio.config import DEFAULT_CONFIG_PATH, ConfigError, DaemonConfig, load_config
-from tcprio.namespaces import entered_path
+from tcprio.kernel.namespaces import entered_path
+from tcprio.service.config import DEFAULT_CONFIG_PATH, ConfigError, DaemonConfig, load_config
 
 FETCH_TIMEOUT_S = 5.0
 NOT_THE_DAEMON = {"--scan", "self-test", "bundle", "--help", "-h", "--version"}
@@ -97,7 +97,7 @@ def target_of(pid: int) -> DaemonTarget:
     config = _config_of(pid, argv)
     listen = _option(argv, "--listen-address")
     if listen:
-        from tcprio.config import with_overrides
+        from tcprio.service.config import with_overrides
 
         config = with_overrides(config, listen)
     host = _connect_host(config.listen_host)

@@ -24,27 +24,36 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tcprio import bpf_syscalls, sd_notify, vendors
-from tcprio.churn import diff_inventories
-from tcprio.config import ConfigError, DaemonConfig, load_config, with_overrides
+from tcprio.analysis import vendors
+from tcprio.analysis.churn import diff_inventories
+from tcprio.analysis.semantics import action_name
+from tcprio.analysis.starvation import starved_hooks
+from tcprio.analysis.verdicts import AnalysisLimits
 from tcprio.datadog_config import resolve_settings
-from tcprio.endpoint import Endpoint
-from tcprio.metrics import MetricsRenderer
-from tcprio.model import DatadogSettings, Direction, NamespaceInventory, NetNamespace, TcFilter
-from tcprio.namespaces import (
+from tcprio.kernel import bpf_syscalls
+from tcprio.kernel.namespaces import (
     NAMED_NETNS_DIRS,
     NamespaceGone,
     discover_namespaces,
     entered,
     unmounted_named_files,
 )
+from tcprio.kernel.tc_inventory import PARENT_BY_DIRECTION, read_namespace, refresh_hooks
+from tcprio.model import (
+    DatadogSettings,
+    Direction,
+    NamespaceInventory,
+    NetNamespace,
+    RunStats,
+    TcFilter,
+)
 from tcprio.scan import ProgramCache, analyse_node, inventory_errors
-from tcprio.semantics import action_name
-from tcprio.snapshot import Counters, LiveKey, ProbeState, RunStats, Snapshot
-from tcprio.starvation import starved_hooks
-from tcprio.tc_inventory import PARENT_BY_DIRECTION, read_namespace, refresh_hooks
-from tcprio.verdicts import AnalysisLimits
-from tcprio.watch import NamespaceWatch, NetnsFolderWatch, ProcessExitWatch, TcEvent
+from tcprio.service import sd_notify
+from tcprio.service.config import ConfigError, DaemonConfig, load_config, with_overrides
+from tcprio.service.endpoint import Endpoint
+from tcprio.service.metrics import MetricsRenderer
+from tcprio.service.snapshot import Counters, LiveKey, ProbeState, Snapshot
+from tcprio.service.watch import NamespaceWatch, NetnsFolderWatch, ProcessExitWatch, TcEvent
 
 NsKey = tuple[int, int]
 STALL_AFTER_S = 30.0
@@ -196,7 +205,7 @@ class Daemon:
             self.probe = ProbeState(False, "none", "disabled in the configuration")
             return
         try:
-            from tcprio.live_probe import LiveProbe, probe_support
+            from tcprio.service.live_probe import LiveProbe, probe_support
 
             status = probe_support()  # cheap: no BCC compile (LLVM costs ~90 MB of RSS)
             if not status.available:
