@@ -222,7 +222,7 @@ def print_scaling(rows: Sequence[Row]) -> None:
 
 
 def profile_scan(n: int, seed: int, tcx_share: float, top: int = 18) -> None:
-    from tcprio.datadog_config import resolve_settings
+    from tcprio.datadog import resolve_settings
     from tcprio.report import scan_json
     from tcprio.scan import run_scan
 

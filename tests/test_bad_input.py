@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tcprio import datadog_config as dc
+from tcprio import datadog, inputs
+from tcprio.kernel import datadog_agent, files
 from tcprio.kernel.namespaces import discover_namespaces
 from tcprio.model import Direction
 from tcprio.service.config import MAX_CONFIG_BYTES, ConfigError, load_config
@@ -277,7 +278,7 @@ def test_password_and_tls_files_follow_the_same_policy(
 
 
 def resolve(files: list[Path], environ: dict[str, str] | None = None):
-    s = dc.resolve_settings(
+    s = datadog.resolve_settings(
         files=files,
         environ=environ or {},
         scan_processes=False,
@@ -407,7 +408,7 @@ def fake_proc(tmp_path: Path, pid: int, files: dict[str, bytes | str | None]) ->
 
 
 def probe_settings(proc_root: Path, local: Path | None = None, environ=None):
-    s = dc.resolve_settings(
+    s = datadog.resolve_settings(
         files=[local] if local else [],
         environ=environ or {},
         proc_root=proc_root,
@@ -448,12 +449,12 @@ def test_openat2_refuses_a_link_swapped_in_after_resolution(tmp_path: Path) -> N
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "sp.yaml").write_text("y: 2\n")
-    assert dc.read_small_file(Path("/etc/sp.yaml"), root) == "y: 2\n"
+    assert files.read_small_file(Path("/etc/sp.yaml"), root) == "y: 2\n"
     (root / "etc" / "sp.yaml").unlink()
     (root / "etc").rmdir()
     (root / "etc").symlink_to(host)  # absolute: must restart at `root`
-    with pytest.raises(dc.ConfigReadError) as info:
-        dc.read_small_file(Path("/etc/sp.yaml"), root)
+    with pytest.raises(inputs.ConfigReadError) as info:
+        files.read_small_file(Path("/etc/sp.yaml"), root)
     assert info.value.kind == "missing"
 
 
@@ -464,7 +465,8 @@ def test_openat2_refuses_a_link_swapped_in_after_resolution(tmp_path: Path) -> N
         ({"environ": "->/dev/zero"}, "environment cannot be read: not a regular file; ignored"),
         ({"environ": None}, "environment cannot be read: not a regular file; ignored"),
         ({"environ": b"A=1\0" * (1 << 20) + b"B=2\0"},
-         f"environment is more than {dc.MAX_ENVIRON_BYTES} bytes; only the 1048576 variables"),
+         f"environment is more than {datadog_agent.MAX_ENVIRON_BYTES} bytes; "
+         "only the 1048576 variables"),
         ({"root/etc/datadog-agent/system-probe.yaml": "fifo"},
          "/root/etc/datadog-agent/system-probe.yaml: is not a regular file"),
         ({"root/etc/datadog-agent/system-probe.yaml": "->/dev/zero"},
@@ -532,7 +534,7 @@ def test_a_system_probe_that_exits_while_being_read_is_not_an_error(
     proc = fake_proc(tmp_path, 88, {"comm": "system-probe\n", "cmdline": b"system-probe\0"})
     local = tmp_path / "system-probe.yaml"
     local.write_text(f"{OLD_PRIO}: 9\n")
-    real_environ = dc.read_environ
+    real_environ = datadog.read_environ
 
     def vanish(p, log):  # the process exits right after it was found
         for child in sorted(p.proc_dir.rglob("*"), reverse=True):
@@ -540,7 +542,7 @@ def test_a_system_probe_that_exits_while_being_read_is_not_an_error(
         p.proc_dir.rmdir()
         return real_environ(p, log)
 
-    monkeypatch.setattr(dc, "read_environ", vanish)
+    monkeypatch.setattr(datadog, "read_environ", vanish)
     s = probe_settings(proc, local)
     assert s.errors == ()
     assert s.classifier_priority.value == 9

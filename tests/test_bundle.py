@@ -24,20 +24,10 @@ from pathlib import Path
 import pytest
 
 from tcprio import __version__
-from tcprio.bundle import (
-    Collector,
-    CollectorFailed,
-    Item,
-    Member,
-    final_redaction,
-    hooked_interfaces,
-    human_size,
-    kernel_config_text,
-    netns_collector,
-    run_collector,
-    safe_name,
-    unique_name,
-)
+from tcprio.bundle.archive import final_redaction
+from tcprio.bundle.collect import Collector, CollectorFailed, Item, Member, run_collector
+from tcprio.bundle.collectors import hooked_interfaces, kernel_config_text, netns_collector
+from tcprio.bundle.common import human_size, safe_name, unique_name
 from tcprio.kernel.namespaces import discover_namespaces
 from tcprio.model import Direction
 from tests.bpf_programs import attach_filter

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tcprio import datadog_config as dc
+from tcprio import datadog, inputs
+from tcprio.analysis import datadog_settings, remedies
+from tcprio.kernel import datadog_agent, files
 from tcprio.model import DatadogSettings, Setting
 
 PRIO = "network.classifier_priority"
@@ -30,7 +32,7 @@ def write_yaml(path: Path, text: str) -> Path:
 
 def resolve(files: list[Path], environ: Mapping[str, str] | None = None, **kw) -> DatadogSettings:
     kw.setdefault("host_root", Path("/nonexistent-root"))
-    return dc.resolve_settings(files=files, environ=environ or {}, scan_processes=False, **kw)
+    return datadog.resolve_settings(files=files, environ=environ or {}, scan_processes=False, **kw)
 
 
 @pytest.fixture
@@ -252,10 +254,10 @@ def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
 
 def test_oversize_file(tmp_path: Path) -> None:
     path = tmp_path / "system-probe.yaml"
-    path.write_text("#" * (dc.MAX_FILE_BYTES + 10))
+    path.write_text("#" * (files.MAX_FILE_BYTES + 10))
     s = resolve([path])
     assert len(s.errors) == 1
-    assert s.errors[0].startswith(f"{path}: is {dc.MAX_FILE_BYTES + 10} bytes, more than the")
+    assert s.errors[0].startswith(f"{path}: is {files.MAX_FILE_BYTES + 10} bytes, more than the")
 
 
 def test_missing_file_is_a_note_not_an_error(tmp_path: Path) -> None:
@@ -287,8 +289,8 @@ def test_resolve_in_root_never_leaves_the_root(tmp_path: Path) -> None:
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "abs").symlink_to("/etc/target.yaml")
     (root / "etc" / "up").symlink_to("../../../../../etc/target.yaml")
-    assert dc.resolve_in_root(root, "/etc/abs") == root / "etc" / "target.yaml"
-    assert dc.resolve_in_root(root, "/etc/up") == root / "etc" / "target.yaml"
+    assert files.resolve_in_root(root, "/etc/abs") == root / "etc" / "target.yaml"
+    assert files.resolve_in_root(root, "/etc/up") == root / "etc" / "target.yaml"
 
 
 # --- a real system-probe process -------------------------------------------------------------
@@ -326,7 +328,7 @@ def from_procs(
     files: list[Path] | None = None,
     environ: dict[str, str] | None = None,
 ) -> DatadogSettings:
-    return dc.resolve_settings(
+    return datadog.resolve_settings(
         files=files or [],
         environ=environ or {},
         host_root=Path("/nonexistent-root"),
@@ -442,7 +444,7 @@ def test_local_agent_version(tmp_path: Path) -> None:
     ],
 )
 def test_config_flag(argv: list[str], expected: str | None) -> None:
-    assert dc.config_flag(argv) == expected
+    assert datadog_agent.config_flag(argv) == expected
 
 
 @pytest.mark.parametrize(
@@ -454,7 +456,7 @@ def test_config_flag(argv: list[str], expected: str | None) -> None:
     ],
 )
 def test_config_file_for(flag: str | None, path: str) -> None:
-    assert dc.config_file_for(flag) == path
+    assert datadog_agent.config_file_for(flag) == path
 
 
 # --- versions and the known incompatibility --------------------------------------------------
@@ -474,7 +476,7 @@ def test_config_file_for(flag: str | None, path: str) -> None:
     ],
 )
 def test_parse_version(text: str | None, version: tuple[int, ...] | None) -> None:
-    assert dc.parse_version(text) == version
+    assert inputs.parse_version(text) == version
 
 
 @pytest.mark.parametrize(
@@ -494,7 +496,7 @@ def test_parse_version(text: str | None, version: tuple[int, ...] | None) -> Non
     ],
 )
 def test_known_incompatibility(cilium: object, agent: object, bad: bool) -> None:
-    result = dc.known_incompatibility(cilium, agent)  # type: ignore[arg-type]
+    result = datadog_settings.known_incompatibility(cilium, agent)  # type: ignore[arg-type]
     assert (result is not None) is bad
     if result:
         assert "\n" not in result and "7.39.2" in result
@@ -512,25 +514,25 @@ def key_of(snippet: str, key: str) -> object:
 
 
 def test_priority_snippet_uses_the_deprecated_spelling_by_default() -> None:
-    snippet = dc.system_probe_yaml_snippet(9)
+    snippet = remedies.system_probe_yaml_snippet(9)
     assert snippet == "runtime_security_config:\n  network:\n    classifier_priority: 9\n"
     assert key_of(snippet, OLD_PRIO) == 9
-    assert dc.env_line(9) == f"{RSC_PRIO_ENV}=9"
+    assert remedies.env_line(9) == f"{RSC_PRIO_ENV}=9"
 
 
 def test_priority_snippet_follows_where_the_value_is_set() -> None:
     in_file = Setting(5, f"file:/etc/datadog-agent/system-probe.yaml:{NEW_PRIO}")
-    assert key_of(dc.system_probe_yaml_snippet(9, in_file), NEW_PRIO) == 9
+    assert key_of(remedies.system_probe_yaml_snippet(9, in_file), NEW_PRIO) == 9
     deprecated = Setting(5, f"process 7 (system-probe) file:/proc/7/root/x.yaml:{OLD_PRIO}")
-    remedy = dc.priority_remedy(9, deprecated)
+    remedy = remedies.priority_remedy(9, deprecated)
     assert key_of(remedy.system_probe_yaml, OLD_PRIO) == 9
     assert "/proc/7/root/x.yaml" in remedy.extra[0] and "no effect" in remedy.extra[0]
     from_env = Setting(5, f"env:{EM_PRIO_ENV}")
-    assert dc.env_line(9, from_env) == f"{EM_PRIO_ENV}=9"
+    assert remedies.env_line(9, from_env) == f"{EM_PRIO_ENV}=9"
 
 
 def test_helm_priority_snippet_sets_the_system_probe_variable() -> None:
-    values = yaml.safe_load(dc.helm_values_snippet(9))
+    values = yaml.safe_load(remedies.helm_values_snippet(9))
     env = values["agents"]["containers"]["systemProbe"]["env"]
     assert env == [{"name": RSC_PRIO_ENV, "value": "9"}]
 
@@ -538,11 +540,11 @@ def test_helm_priority_snippet_sets_the_system_probe_variable() -> None:
 def test_priority_remedy_rejects_bad_priorities() -> None:
     for bad in (0, 65536, True, "9"):
         with pytest.raises(ValueError):
-            dc.priority_remedy(bad)  # type: ignore[arg-type]
+            remedies.priority_remedy(bad)  # type: ignore[arg-type]
 
 
 def test_disable_network_remedy() -> None:
-    remedy = dc.disable_network_remedy()
+    remedy = remedies.disable_network_remedy()
     assert key_of(remedy.system_probe_yaml, "runtime_security_config.network.enabled") is False
     assert key_of(remedy.helm_values, "datadog.securityAgent.runtime.network.enabled") is False
     assert remedy.environment == "DD_RUNTIME_SECURITY_CONFIG_NETWORK_ENABLED=false"
@@ -551,7 +553,7 @@ def test_disable_network_remedy() -> None:
 
 
 def test_disable_workload_protection_remedy() -> None:
-    remedy = dc.disable_workload_protection_remedy()
+    remedy = remedies.disable_workload_protection_remedy()
     assert key_of(remedy.system_probe_yaml, "runtime_security_config.enabled") is False
     assert key_of(remedy.helm_values, "datadog.securityAgent.runtime.enabled") is False
     assert remedy.environment == "DD_RUNTIME_SECURITY_CONFIG_ENABLED=false"

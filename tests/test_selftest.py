@@ -18,7 +18,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from tcprio.datadog_config import resolve_settings
+from tcprio.datadog import resolve_settings
 from tcprio.kernel import bpf_syscalls
 from tcprio.kernel.namespaces import entered_path
 from tcprio.model import ETH_P_ALL, Direction

@@ -98,7 +98,8 @@ def run_scan_command(args: argparse.Namespace) -> int:
     if _refused("tcprio"):
         return EXIT_FAILED
     # Imported here so that `--help` and the privilege check stay fast and dependency-light.
-    from tcprio.datadog_config import DEFAULT_FILES, resolve_settings
+    from tcprio.datadog import resolve_settings
+    from tcprio.kernel.datadog_agent import DEFAULT_FILES
     from tcprio.report import exit_status, render_text, scan_json
     from tcprio.scan import run_scan
 
@@ -187,7 +188,7 @@ def run_bundle_command(argv: list[str]) -> int:
     args = build_bundle_parser().parse_args(argv)
     if _refused("tcprio bundle"):
         return EXIT_FAILED
-    from tcprio.bundle import run_bundle
+    from tcprio.bundle.cli import run_bundle
 
     return run_bundle(args, discover=_namespace_filter(args.netns))
 

@@ -10,7 +10,7 @@ from tcprio.analysis import semantics, vendors
 from tcprio.analysis.conflicts import DatadogTarget, HookClassifiers, analyse
 from tcprio.analysis.remedies import attach_remedies, incompatibility_notes
 from tcprio.analysis.verdicts import AnalysisLimits, analyse_program
-from tcprio.datadog_config import resolve_settings
+from tcprio.datadog import resolve_settings
 from tcprio.kernel import bpf_syscalls
 from tcprio.kernel.namespaces import discover_namespaces
 from tcprio.kernel.programs import ProgramCatalogue, collect_programs

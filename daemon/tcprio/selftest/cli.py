@@ -87,7 +87,8 @@ def _options(args: argparse.Namespace) -> SelfTestOptions:
 
 
 def _node_settings(options: SelfTestOptions):
-    from tcprio.datadog_config import DEFAULT_FILES, resolve_settings
+    from tcprio.datadog import resolve_settings
+    from tcprio.kernel.datadog_agent import DEFAULT_FILES
 
     files = options.datadog_files if options.datadog_files is not None else DEFAULT_FILES
     settings = resolve_settings(files=files, scan_processes=options.scan_processes)

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tcprio.datadog_config import ConfigReadError, brief, label_of, load_yaml, read_bytes_checked
+from tcprio.inputs import ConfigReadError, brief, label_of, load_yaml
+from tcprio.kernel.files import read_bytes_checked
 
 DEFAULT_CONFIG_PATH = Path("/etc/tcprio/tcprio.yaml")
 DEFAULT_LISTEN = "0.0.0.0:9842"

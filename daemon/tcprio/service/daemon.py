@@ -29,7 +29,7 @@ from tcprio.analysis.churn import diff_inventories
 from tcprio.analysis.semantics import action_name
 from tcprio.analysis.starvation import starved_hooks
 from tcprio.analysis.verdicts import AnalysisLimits
-from tcprio.datadog_config import resolve_settings
+from tcprio.datadog import resolve_settings
 from tcprio.kernel import bpf_syscalls
 from tcprio.kernel.namespaces import (
     NAMED_NETNS_DIRS,

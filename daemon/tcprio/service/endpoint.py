@@ -187,7 +187,7 @@ def _checked_copy(path: Path) -> int:
     """An anonymous in-memory copy of `path`, read under the same rules as the configuration
     (a regular file on disk, size-bounded, never blocking): ssl then opens the copy, so a link
     swapped in after the configuration was checked cannot hand it another file."""
-    from tcprio.datadog_config import MAX_FILE_BYTES, read_bytes_checked
+    from tcprio.kernel.files import MAX_FILE_BYTES, read_bytes_checked
 
     data = read_bytes_checked(path, MAX_FILE_BYTES)
     fd = os.memfd_create("tcprio-tls", os.MFD_CLOEXEC)
