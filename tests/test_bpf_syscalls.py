@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tcprio.kernel import bpf_syscalls
-from tcprio.kernel.bpf_syscalls.objects import _MapInfoStruct, _ProgInfoStruct
-from tcprio.kernel.bpf_syscalls.syscall import _QueryAttr
+from tcprio.kernel.bpf_syscalls.objects import MapInfoStruct, ProgInfoStruct
+from tcprio.kernel.bpf_syscalls.syscall import QueryAttr
 from tcprio.model import Direction, Instruction
 from tests.bpf_programs import (
     PROGRAM_NAMES,
@@ -169,9 +169,9 @@ def test_decode_insns_splits_fields() -> None:
 
 
 def test_info_structures_have_the_kernel_sizes() -> None:
-    assert ctypes.sizeof(_ProgInfoStruct) == 232
-    assert ctypes.sizeof(_MapInfoStruct) == 88
-    assert ctypes.sizeof(_QueryAttr) == 64
+    assert ctypes.sizeof(ProgInfoStruct) == 232
+    assert ctypes.sizeof(MapInfoStruct) == 88
+    assert ctypes.sizeof(QueryAttr) == 64
 
 
 # --- maps ------------------------------------------------------------------------------------

@@ -13,11 +13,11 @@ from types import MappingProxyType
 from tcprio.kernel.bpf_syscalls.syscall import (
     BpfCmd,
     BpfError,
-    _u32,
-    _u64,
     address,
     obj_info,
     open_btf,
+    u32,
+    u64,
 )
 from tcprio.kernel.btf import parse_btf_func_names
 
@@ -26,12 +26,12 @@ class _BtfInfoStruct(ctypes.Structure):
     """struct bpf_btf_info (32 bytes on kernel 6.18)."""
 
     _fields_ = (
-        ("btf", _u64),
-        ("btf_size", _u32),
-        ("id", _u32),
-        ("name", _u64),
-        ("name_len", _u32),
-        ("kernel_btf", _u32),
+        ("btf", u64),
+        ("btf_size", u32),
+        ("id", u32),
+        ("name", u64),
+        ("name_len", u32),
+        ("kernel_btf", u32),
     )
 
 

@@ -28,18 +28,16 @@ from dataclasses import dataclass
 
 from tcprio.kernel.bpf_syscalls.btf_names import btf_func_name
 from tcprio.kernel.bpf_syscalls.syscall import (
-    _BPF_OBJ_NAME_LEN,
-    _INSN_SIZE,
-    _NR_BPF,
     BPF_LINK_TYPE_TCX,
     BPF_MAP_TYPE_PROG_ARRAY,
+    BPF_OBJ_NAME_LEN,
+    INSN_SIZE,
+    NR_BPF,
     BpfCmd,
     BpfError,
-    _MapElemAttr,
-    _raw_syscall,
-    _u32,
-    _u64,
+    MapElemAttr,
     address,
+    libc_syscall_raw,
     link_type_name,
     map_type_name,
     obj_info,
@@ -47,78 +45,80 @@ from tcprio.kernel.bpf_syscalls.syscall import (
     open_map,
     open_prog,
     prog_type_name,
+    u32,
+    u64,
 )
 from tcprio.model import Instruction, MapInfo, ProgramInfo
 
 # --- info structures -------------------------------------------------------------------------
 
 
-class _ProgInfoStruct(ctypes.Structure):
+class ProgInfoStruct(ctypes.Structure):
     """struct bpf_prog_info, 232 bytes, unchanged from kernel 5.16 to 6.18."""
 
     _fields_ = (
-        ("type", _u32),
-        ("id", _u32),
+        ("type", u32),
+        ("id", u32),
         ("tag", ctypes.c_uint8 * 8),
-        ("jited_prog_len", _u32),
-        ("xlated_prog_len", _u32),
-        ("jited_prog_insns", _u64),
-        ("xlated_prog_insns", _u64),
-        ("load_time", _u64),
-        ("created_by_uid", _u32),
-        ("nr_map_ids", _u32),
-        ("map_ids", _u64),
-        ("name", ctypes.c_char * _BPF_OBJ_NAME_LEN),
-        ("ifindex", _u32),
-        ("gpl_compatible", _u32),  # bit 0; the other 31 bits are padding
-        ("netns_dev", _u64),
-        ("netns_ino", _u64),
-        ("nr_jited_ksyms", _u32),
-        ("nr_jited_func_lens", _u32),
-        ("jited_ksyms", _u64),
-        ("jited_func_lens", _u64),
-        ("btf_id", _u32),
-        ("func_info_rec_size", _u32),
-        ("func_info", _u64),
-        ("nr_func_info", _u32),
-        ("nr_line_info", _u32),
-        ("line_info", _u64),
-        ("jited_line_info", _u64),
-        ("nr_jited_line_info", _u32),
-        ("line_info_rec_size", _u32),
-        ("jited_line_info_rec_size", _u32),
-        ("nr_prog_tags", _u32),
-        ("prog_tags", _u64),
-        ("run_time_ns", _u64),
-        ("run_cnt", _u64),
-        ("recursion_misses", _u64),
-        ("verified_insns", _u32),
-        ("attach_btf_obj_id", _u32),
-        ("attach_btf_id", _u32),
-        ("pad", _u32),
+        ("jited_prog_len", u32),
+        ("xlated_prog_len", u32),
+        ("jited_prog_insns", u64),
+        ("xlated_prog_insns", u64),
+        ("load_time", u64),
+        ("created_by_uid", u32),
+        ("nr_map_ids", u32),
+        ("map_ids", u64),
+        ("name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+        ("ifindex", u32),
+        ("gpl_compatible", u32),  # bit 0; the other 31 bits are padding
+        ("netns_dev", u64),
+        ("netns_ino", u64),
+        ("nr_jited_ksyms", u32),
+        ("nr_jited_func_lens", u32),
+        ("jited_ksyms", u64),
+        ("jited_func_lens", u64),
+        ("btf_id", u32),
+        ("func_info_rec_size", u32),
+        ("func_info", u64),
+        ("nr_func_info", u32),
+        ("nr_line_info", u32),
+        ("line_info", u64),
+        ("jited_line_info", u64),
+        ("nr_jited_line_info", u32),
+        ("line_info_rec_size", u32),
+        ("jited_line_info_rec_size", u32),
+        ("nr_prog_tags", u32),
+        ("prog_tags", u64),
+        ("run_time_ns", u64),
+        ("run_cnt", u64),
+        ("recursion_misses", u64),
+        ("verified_insns", u32),
+        ("attach_btf_obj_id", u32),
+        ("attach_btf_id", u32),
+        ("pad", u32),
     )
 
 
-class _MapInfoStruct(ctypes.Structure):
+class MapInfoStruct(ctypes.Structure):
     """struct bpf_map_info (88 bytes on kernel 6.18)."""
 
     _fields_ = (
-        ("type", _u32),
-        ("id", _u32),
-        ("key_size", _u32),
-        ("value_size", _u32),
-        ("max_entries", _u32),
-        ("map_flags", _u32),
-        ("name", ctypes.c_char * _BPF_OBJ_NAME_LEN),
-        ("ifindex", _u32),
-        ("btf_vmlinux_value_type_id", _u32),
-        ("netns_dev", _u64),
-        ("netns_ino", _u64),
-        ("btf_id", _u32),
-        ("btf_key_type_id", _u32),
-        ("btf_value_type_id", _u32),
-        ("btf_vmlinux_id", _u32),
-        ("map_extra", _u64),
+        ("type", u32),
+        ("id", u32),
+        ("key_size", u32),
+        ("value_size", u32),
+        ("max_entries", u32),
+        ("map_flags", u32),
+        ("name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+        ("ifindex", u32),
+        ("btf_vmlinux_value_type_id", u32),
+        ("netns_dev", u64),
+        ("netns_ino", u64),
+        ("btf_id", u32),
+        ("btf_key_type_id", u32),
+        ("btf_value_type_id", u32),
+        ("btf_vmlinux_id", u32),
+        ("map_extra", u64),
     )
 
 
@@ -126,12 +126,12 @@ class _LinkInfoStruct(ctypes.Structure):
     """struct bpf_link_info: a common head, then a per-type union (tcx: ifindex, attach_type)."""
 
     _fields_ = (
-        ("type", _u32),
-        ("id", _u32),
-        ("prog_id", _u32),
-        ("pad", _u32),
-        ("union_u32_0", _u32),
-        ("union_u32_1", _u32),
+        ("type", u32),
+        ("id", u32),
+        ("prog_id", u32),
+        ("pad", u32),
+        ("union_u32_0", u32),
+        ("union_u32_1", u32),
         ("union_rest", ctypes.c_uint8 * 96),
     )
 
@@ -145,7 +145,7 @@ def _decode_name(raw: bytes) -> str:
 
 def decode_insns(raw: bytes) -> tuple[Instruction, ...]:
     """Split raw eBPF bytecode (8 bytes an instruction, little endian) into Instructions."""
-    if len(raw) % _INSN_SIZE:
+    if len(raw) % INSN_SIZE:
         raise ValueError(f"{len(raw)} bytes is not a whole number of eBPF instructions")
     return tuple(
         Instruction(code=code, dst=regs & 0x0F, src=regs >> 4, off=off, imm=imm)
@@ -166,15 +166,15 @@ class _ProgDump:
     main_func_type_id: int = 0  # BTF type of the function at insn 0; 0 without func_info
 
 
-def _prog_info_struct(fd: int) -> _ProgInfoStruct:
-    info = _ProgInfoStruct()
+def _prog_info_struct(fd: int) -> ProgInfoStruct:
+    info = ProgInfoStruct()
     # A kernel with a shorter struct writes fewer bytes; the rest stays zero, which is what
     # the missing fields would have meant anyway.
     obj_info(fd, info)
     return info
 
 
-def _func_info_count(head: _ProgInfoStruct) -> int:
+def _func_info_count(head: ProgInfoStruct) -> int:
     """How many func_info records to ask for: all of them, when they can name a BTF type."""
     if not head.btf_id or head.func_info_rec_size < _FUNC_INFO.size:
         return 0
@@ -199,9 +199,9 @@ def _prog_dump_sized(
         if not insns_len and not map_count and not func_count:
             return _ProgDump(None, (), None)
         insns_buf = ctypes.create_string_buffer(insns_len) if insns_len else None
-        ids_buf = (_u32 * map_count)() if map_count else None
+        ids_buf = (u32 * map_count)() if map_count else None
         func_buf = ctypes.create_string_buffer(func_count * func_rec_size) if func_count else None
-        info = _ProgInfoStruct(
+        info = ProgInfoStruct(
             xlated_prog_len=insns_len,
             xlated_prog_insns=address(insns_buf),
             nr_map_ids=map_count,
@@ -230,7 +230,7 @@ def _prog_dump_sized(
     raise BpfError(BpfCmd.OBJ_GET_INFO_BY_FD, errno.EAGAIN, "program's map ids kept changing")
 
 
-def _prog_dump_with(fd: int, head: _ProgInfoStruct, with_insns: bool, func_count: int) -> _ProgDump:
+def _prog_dump_with(fd: int, head: ProgInfoStruct, with_insns: bool, func_count: int) -> _ProgDump:
     insns_len = head.xlated_prog_len if with_insns else 0
     sizes = (head.nr_map_ids, func_count, head.func_info_rec_size)
     try:
@@ -243,7 +243,7 @@ def _prog_dump_with(fd: int, head: _ProgInfoStruct, with_insns: bool, func_count
         return _ProgDump(None, without_insns.map_ids, error, without_insns.main_func_type_id)
 
 
-def _prog_dump(fd: int, head: _ProgInfoStruct, with_insns: bool) -> _ProgDump:
+def _prog_dump(fd: int, head: ProgInfoStruct, with_insns: bool) -> _ProgDump:
     func_count = _func_info_count(head)
     try:
         return _prog_dump_with(fd, head, with_insns, func_count)
@@ -319,12 +319,12 @@ def main_func_btf_id(prog_fd: int) -> int:
 def _prog_array_slots(map_fd: int, max_entries: int) -> dict[int, int]:
     """slot -> program id of a prog array. Prog arrays have no batch lookup (ENOTSUPP), so this
     is one syscall a slot: about 1.5 us each here, 0.1 s for 65,536 slots."""
-    key = _u32()
-    value = _u32()
-    attr = _MapElemAttr(map_fd=map_fd, key=ctypes.addressof(key), value=ctypes.addressof(value))
+    key = u32()
+    value = u32()
+    attr = MapElemAttr(map_fd=map_fd, key=ctypes.addressof(key), value=ctypes.addressof(value))
     # Arguments converted once: the call without argtypes is about 20% faster in this loop.
     args = (
-        ctypes.c_long(_NR_BPF),
+        ctypes.c_long(NR_BPF),
         ctypes.c_long(BpfCmd.MAP_LOOKUP_ELEM),
         ctypes.c_void_p(ctypes.addressof(attr)),
         ctypes.c_ulong(ctypes.sizeof(attr)),
@@ -332,7 +332,7 @@ def _prog_array_slots(map_fd: int, max_entries: int) -> dict[int, int]:
     slots: dict[int, int] = {}
     for slot in range(max_entries):
         key.value = slot
-        if _raw_syscall(*args) == 0:
+        if libc_syscall_raw(*args) == 0:
             slots[slot] = value.value
             continue
         err = ctypes.get_errno()
@@ -342,7 +342,7 @@ def _prog_array_slots(map_fd: int, max_entries: int) -> dict[int, int]:
 
 
 def map_info_from_fd(fd: int) -> MapInfo:
-    info = _MapInfoStruct()
+    info = MapInfoStruct()
     obj_info(fd, info)
     prog_array = None
     if info.type == BPF_MAP_TYPE_PROG_ARRAY:

@@ -9,23 +9,23 @@ import os
 from collections.abc import Iterator
 
 from tcprio.kernel.bpf_syscalls.syscall import (
-    _BPF_OBJ_NAME_LEN,
-    _INSN_SIZE,
-    _NR_BPF,
     BPF_MAP_TYPE_PROG_ARRAY,
+    BPF_OBJ_NAME_LEN,
     BPF_PROG_TYPE_TRACING,
     BPF_STATS_RUN_TIME,
     BPF_TRACE_FEXIT,
+    INSN_SIZE,
+    NR_BPF,
     BpfCmd,
     BpfError,
-    _EnableStatsAttr,
-    _MapCreateAttr,
-    _MapElemAttr,
-    _ProgLoadAttr,
-    _syscall,
-    _TestRunAttr,
-    _u32,
+    EnableStatsAttr,
+    MapCreateAttr,
+    MapElemAttr,
+    ProgLoadAttr,
+    TestRunAttr,
     bpf,
+    libc_syscall,
+    u32,
 )
 
 # --- running programs ------------------------------------------------------------------------
@@ -38,7 +38,7 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ctx: bytes | None 
     data_in = ctypes.create_string_buffer(data, len(data))
     data_out = ctypes.create_string_buffer(len(data) + 4096)  # room for a packet that grew
     ctx_in = ctypes.create_string_buffer(ctx, len(ctx)) if ctx else None
-    attr = _TestRunAttr(
+    attr = TestRunAttr(
         prog_fd=prog_fd,
         data_size_in=len(data),
         data_size_out=len(data_out),
@@ -59,7 +59,7 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ctx: bytes | None 
 def prog_array_create(slots: int) -> int:
     """A new prog array (tail-call table) of `slots` entries; its fd. For tests and the
     self-test only: the scan and the daemon never create anything."""
-    attr = _MapCreateAttr(
+    attr = MapCreateAttr(
         map_type=BPF_MAP_TYPE_PROG_ARRAY, key_size=4, value_size=4, max_entries=slots
     )
     return bpf(BpfCmd.MAP_CREATE, attr)
@@ -67,14 +67,14 @@ def prog_array_create(slots: int) -> int:
 
 def prog_array_set(map_fd: int, slot: int, prog_fd: int) -> None:
     """Put program `prog_fd` in slot `slot` of a prog array made by `prog_array_create`."""
-    key, value = _u32(slot), _u32(prog_fd)
-    attr = _MapElemAttr(map_fd=map_fd, key=ctypes.addressof(key), value=ctypes.addressof(value))
+    key, value = u32(slot), u32(prog_fd)
+    attr = MapElemAttr(map_fd=map_fd, key=ctypes.addressof(key), value=ctypes.addressof(value))
     bpf(BpfCmd.MAP_UPDATE_ELEM, attr)
 
 
 def enable_run_stats() -> int:
     """An fd that makes every program count run_cnt / run_time_ns until it is closed."""
-    return bpf(BpfCmd.ENABLE_STATS, _EnableStatsAttr(type=BPF_STATS_RUN_TIME))
+    return bpf(BpfCmd.ENABLE_STATS, EnableStatsAttr(type=BPF_STATS_RUN_TIME))
 
 
 @contextlib.contextmanager
@@ -92,24 +92,24 @@ def _verifier_log_tail(log: bytes, lines: int = 8) -> str:
     return " | ".join(text.splitlines()[-lines:])
 
 
-def _load(attr: _ProgLoadAttr) -> tuple[int, int]:
+def _load(attr: ProgLoadAttr) -> tuple[int, int]:
     """(fd, 0) on success, (-1, errno) on failure."""
-    ret = _syscall(_NR_BPF, BpfCmd.PROG_LOAD, ctypes.addressof(attr), ctypes.sizeof(attr))
+    ret = libc_syscall(NR_BPF, BpfCmd.PROG_LOAD, ctypes.addressof(attr), ctypes.sizeof(attr))
     return (ret, 0) if ret >= 0 else (-1, ctypes.get_errno())
 
 
 def _prog_load_attr(
     prog_type: int, insns: bytes, name: str, license: str, **fields: int
-) -> tuple[_ProgLoadAttr, tuple[ctypes.Array, ...]]:
+) -> tuple[ProgLoadAttr, tuple[ctypes.Array, ...]]:
     """The attr that loads `insns`, and the buffers it points into (keep them alive)."""
     insns_buf = ctypes.create_string_buffer(insns, len(insns))
     license_buf = ctypes.create_string_buffer(license.encode())
-    attr = _ProgLoadAttr(
+    attr = ProgLoadAttr(
         prog_type=prog_type,
-        insn_cnt=len(insns) // _INSN_SIZE,
+        insn_cnt=len(insns) // INSN_SIZE,
         insns=ctypes.addressof(insns_buf),
         license=ctypes.addressof(license_buf),
-        prog_name=name.encode()[: _BPF_OBJ_NAME_LEN - 1],
+        prog_name=name.encode()[: BPF_OBJ_NAME_LEN - 1],
         **fields,
     )
     return attr, (insns_buf, license_buf)
@@ -118,7 +118,7 @@ def _prog_load_attr(
 def prog_load_raw(prog_type: int, insns: bytes, name: str, license: str = "GPL") -> int:
     """Load raw eBPF bytecode; returns the program fd. On failure the BpfError carries the
     verifier log's last lines (the load is retried with a log only when it failed)."""
-    if not insns or len(insns) % _INSN_SIZE:
+    if not insns or len(insns) % INSN_SIZE:
         raise ValueError(f"{len(insns)} bytes is not a whole number of eBPF instructions")
     attr, _buffers = _prog_load_attr(prog_type, insns, name, license)
     fd, err = _load(attr)

@@ -14,8 +14,8 @@ from enum import IntEnum
 from tcprio.model import Direction
 
 _BPF_SYSCALL_NR = {"x86_64": 321, "aarch64": 280}
-_BPF_OBJ_NAME_LEN = 16
-_INSN_SIZE = 8
+BPF_OBJ_NAME_LEN = 16
+INSN_SIZE = 8
 
 
 class BpfCmd(IntEnum):
@@ -123,11 +123,12 @@ class TcxUnsupported(BpfError):
 # --- the syscall -----------------------------------------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
-_syscall.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_ulong)
-_raw_syscall = _libc["syscall"]  # a second handle, without argtypes, for pre-converted arguments
-_raw_syscall.restype = ctypes.c_long
+libc_syscall = _libc.syscall
+libc_syscall.restype = ctypes.c_long
+libc_syscall.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_ulong)
+# A second handle, without argtypes, for pre-converted arguments.
+libc_syscall_raw = _libc["syscall"]
+libc_syscall_raw.restype = ctypes.c_long
 
 
 def _bpf_syscall_nr() -> int:
@@ -137,12 +138,12 @@ def _bpf_syscall_nr() -> int:
     return _BPF_SYSCALL_NR[machine]
 
 
-_NR_BPF = _bpf_syscall_nr()
+NR_BPF = _bpf_syscall_nr()
 
 
 def bpf(cmd: BpfCmd, attr: ctypes.Structure) -> int:
     """Call bpf(cmd, &attr, sizeof attr); the kernel treats the bytes past attr as zero."""
-    ret = _syscall(_NR_BPF, cmd, ctypes.addressof(attr), ctypes.sizeof(attr))
+    ret = libc_syscall(NR_BPF, cmd, ctypes.addressof(attr), ctypes.sizeof(attr))
     if ret < 0:
         raise BpfError(cmd, ctypes.get_errno())
     return ret
@@ -154,117 +155,117 @@ def address(buffer: ctypes.Array | None) -> int:
 
 # --- union bpf_attr, one structure per command -----------------------------------------------
 
-_u32 = ctypes.c_uint32
-_u64 = ctypes.c_uint64
+u32 = ctypes.c_uint32
+u64 = ctypes.c_uint64
 
 
 class _ObjIdAttr(ctypes.Structure):
     """BPF_*_GET_FD_BY_ID and BPF_*_GET_NEXT_ID."""
 
-    _fields_ = (("id", _u32), ("next_id", _u32), ("open_flags", _u32))
+    _fields_ = (("id", u32), ("next_id", u32), ("open_flags", u32))
 
 
 class _InfoByFdAttr(ctypes.Structure):
-    _fields_ = (("bpf_fd", _u32), ("info_len", _u32), ("info", _u64))
+    _fields_ = (("bpf_fd", u32), ("info_len", u32), ("info", u64))
 
 
-class _MapElemAttr(ctypes.Structure):
-    _fields_ = (("map_fd", _u32), ("pad", _u32), ("key", _u64), ("value", _u64), ("flags", _u64))
+class MapElemAttr(ctypes.Structure):
+    _fields_ = (("map_fd", u32), ("pad", u32), ("key", u64), ("value", u64), ("flags", u64))
 
 
-class _MapCreateAttr(ctypes.Structure):
+class MapCreateAttr(ctypes.Structure):
     _fields_ = (
-        ("map_type", _u32),
-        ("key_size", _u32),
-        ("value_size", _u32),
-        ("max_entries", _u32),
-        ("map_flags", _u32),
+        ("map_type", u32),
+        ("key_size", u32),
+        ("value_size", u32),
+        ("max_entries", u32),
+        ("map_flags", u32),
     )
 
 
-class _QueryAttr(ctypes.Structure):
+class QueryAttr(ctypes.Structure):
     """The `query` member, with the link fields of kernel >= 6.6 (`prog_cnt` is also `count`)."""
 
     _fields_ = (
-        ("target_ifindex", _u32),
-        ("attach_type", _u32),
-        ("query_flags", _u32),
-        ("attach_flags", _u32),
-        ("prog_ids", _u64),
-        ("prog_cnt", _u32),
-        ("pad", _u32),
-        ("prog_attach_flags", _u64),
-        ("link_ids", _u64),
-        ("link_attach_flags", _u64),
-        ("revision", _u64),
+        ("target_ifindex", u32),
+        ("attach_type", u32),
+        ("query_flags", u32),
+        ("attach_flags", u32),
+        ("prog_ids", u64),
+        ("prog_cnt", u32),
+        ("pad", u32),
+        ("prog_attach_flags", u64),
+        ("link_ids", u64),
+        ("link_attach_flags", u64),
+        ("revision", u64),
     )
 
 
-class _LinkCreateAttr(ctypes.Structure):
+class LinkCreateAttr(ctypes.Structure):
     """The `link_create` member with its tcx part (relative_fd / expected_revision). A tracing
     link's part (target_btf_id, cookie) has the same size; tcprio leaves it zero."""
 
     _fields_ = (
-        ("prog_fd", _u32),
-        ("target_ifindex", _u32),
-        ("attach_type", _u32),
-        ("flags", _u32),
-        ("relative_fd", _u32),
-        ("pad", _u32),
-        ("expected_revision", _u64),
+        ("prog_fd", u32),
+        ("target_ifindex", u32),
+        ("attach_type", u32),
+        ("flags", u32),
+        ("relative_fd", u32),
+        ("pad", u32),
+        ("expected_revision", u64),
     )
 
 
-class _TestRunAttr(ctypes.Structure):
+class TestRunAttr(ctypes.Structure):
     _fields_ = (
-        ("prog_fd", _u32),
-        ("retval", _u32),
-        ("data_size_in", _u32),
-        ("data_size_out", _u32),
-        ("data_in", _u64),
-        ("data_out", _u64),
-        ("repeat", _u32),
-        ("duration", _u32),
-        ("ctx_size_in", _u32),
-        ("ctx_size_out", _u32),
-        ("ctx_in", _u64),
-        ("ctx_out", _u64),
-        ("flags", _u32),
-        ("cpu", _u32),
-        ("batch_size", _u32),
-        ("pad", _u32),
+        ("prog_fd", u32),
+        ("retval", u32),
+        ("data_size_in", u32),
+        ("data_size_out", u32),
+        ("data_in", u64),
+        ("data_out", u64),
+        ("repeat", u32),
+        ("duration", u32),
+        ("ctx_size_in", u32),
+        ("ctx_size_out", u32),
+        ("ctx_in", u64),
+        ("ctx_out", u64),
+        ("flags", u32),
+        ("cpu", u32),
+        ("batch_size", u32),
+        ("pad", u32),
     )
 
 
-class _EnableStatsAttr(ctypes.Structure):
-    _fields_ = (("type", _u32),)
+class EnableStatsAttr(ctypes.Structure):
+    _fields_ = (("type", u32),)
 
 
-class _ProgLoadAttr(ctypes.Structure):
+class ProgLoadAttr(ctypes.Structure):
     """The `prog_load` member up to attach_prog_fd (tracing programs: their target)."""
 
     _fields_ = (
-        ("prog_type", _u32),
-        ("insn_cnt", _u32),
-        ("insns", _u64),
-        ("license", _u64),
-        ("log_level", _u32),
-        ("log_size", _u32),
-        ("log_buf", _u64),
-        ("kern_version", _u32),
-        ("prog_flags", _u32),
-        ("prog_name", ctypes.c_char * _BPF_OBJ_NAME_LEN),
-        ("prog_ifindex", _u32),
-        ("expected_attach_type", _u32),
-        ("prog_btf_fd", _u32),
-        ("func_info_rec_size", _u32),
-        ("func_info", _u64),
-        ("func_info_cnt", _u32),
-        ("line_info_rec_size", _u32),
-        ("line_info", _u64),
-        ("line_info_cnt", _u32),
-        ("attach_btf_id", _u32),
-        ("attach_prog_fd", _u32),
+        ("prog_type", u32),
+        ("insn_cnt", u32),
+        ("insns", u64),
+        ("license", u64),
+        ("log_level", u32),
+        ("log_size", u32),
+        ("log_buf", u64),
+        ("kern_version", u32),
+        ("prog_flags", u32),
+        ("prog_name", ctypes.c_char * BPF_OBJ_NAME_LEN),
+        ("prog_ifindex", u32),
+        ("expected_attach_type", u32),
+        ("prog_btf_fd", u32),
+        ("func_info_rec_size", u32),
+        ("func_info", u64),
+        ("func_info_cnt", u32),
+        ("line_info_rec_size", u32),
+        ("line_info", u64),
+        ("line_info_cnt", u32),
+        ("attach_btf_id", u32),
+        ("attach_prog_fd", u32),
     )
 
 

@@ -9,22 +9,22 @@ from tcprio.kernel.bpf_syscalls.syscall import (
     TCX_ATTACH_TYPE,
     BpfCmd,
     BpfError,
+    LinkCreateAttr,
+    QueryAttr,
     TcxUnsupported,
-    _LinkCreateAttr,
-    _QueryAttr,
-    _u32,
     address,
     bpf,
+    u32,
 )
 from tcprio.model import Direction, TcxEntry
 
 
 def _tcx_query_once(
     ifindex: int, attach_type: int, capacity: int
-) -> tuple[_QueryAttr, list[tuple[int, int]]]:
-    prog_ids = (_u32 * capacity)()
-    link_ids = (_u32 * capacity)()
-    attr = _QueryAttr(
+) -> tuple[QueryAttr, list[tuple[int, int]]]:
+    prog_ids = (u32 * capacity)()
+    link_ids = (u32 * capacity)()
+    attr = QueryAttr(
         target_ifindex=ifindex,
         attach_type=attach_type,
         prog_ids=address(prog_ids) if capacity else 0,
@@ -60,7 +60,7 @@ def tcx_query(ifindex: int, direction: Direction) -> tuple[TcxEntry, ...]:
 
 def tcx_attach(prog_fd: int, ifindex: int, direction: Direction) -> int:
     """Append a sched_cls program to a tcx chain; returns the link fd (closing it detaches)."""
-    attr = _LinkCreateAttr(
+    attr = LinkCreateAttr(
         prog_fd=prog_fd, target_ifindex=ifindex, attach_type=TCX_ATTACH_TYPE[direction]
     )
     return bpf(BpfCmd.LINK_CREATE, attr)
@@ -68,4 +68,4 @@ def tcx_attach(prog_fd: int, ifindex: int, direction: Direction) -> int:
 
 def tracing_attach(prog_fd: int, attach_type: int = BPF_TRACE_FEXIT) -> int:
     """Attach a loaded tracing program where its load aimed it; returns the link fd."""
-    return bpf(BpfCmd.LINK_CREATE, _LinkCreateAttr(prog_fd=prog_fd, attach_type=attach_type))
+    return bpf(BpfCmd.LINK_CREATE, LinkCreateAttr(prog_fd=prog_fd, attach_type=attach_type))
