@@ -301,10 +301,14 @@ class Churner:
             return self.bpf_del(ns, veth)
         return self.bpf_set(ns, veth)
 
-    def run(self, stop: threading.Event | mp.synchronize.Event, rate: float) -> None:
-        """Changes until `stop`, `rate` per second at most (0: as fast as the kernel takes them)."""
+    def run(self, stop: threading.Event | mp.synchronize.Event, rate: float, done=None) -> None:
+        """Changes until `stop`, `rate` per second at most (0: as fast as the kernel takes them).
+
+        `done`, a shared integer, follows the number of changes made so far."""
         started, n = time.monotonic(), 0
         while not stop.is_set():
+            if done is not None:
+                done.value = sum(self.changes.values())
             n += 1
             if rate and (delay := started + n / rate - time.monotonic()) > 0:
                 time.sleep(delay)
@@ -345,7 +349,7 @@ class Churner:
 
 
 def worker_main(tag: str, worker: int, seed: int, min_ns: int, max_ns: int, rate: float, stop,
-                teardown, results) -> None:  # fmt: skip
+                teardown, results, done) -> None:  # fmt: skip
     """A churn process: changes until `stop`, reports, keeps its state until `teardown`."""
     die_with_parent(signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when it ends
@@ -354,7 +358,7 @@ def worker_main(tag: str, worker: int, seed: int, min_ns: int, max_ns: int, rate
     try:
         for _ in range(min_ns):
             churner.ns_add()
-        churner.run(stop, rate)
+        churner.run(stop, rate, done)
         results.put({
             "worker": worker, "changes": dict(churner.changes), "refused": dict(churner.refused),
             "refusal_samples": churner.refusal_samples, "final": churner.final_state(),
@@ -621,6 +625,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="tcprio-churn-"))
     ctx = mp.get_context("fork")  # before any thread of ours exists
     stop, teardown, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    done = [ctx.Value("q", 0, lock=False) for _ in range(args.workers)]  # changes per worker
     workers: list = []
     started_at = time.monotonic()
     try:
@@ -640,7 +645,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
             workers = [
                 ctx.Process(target=worker_main, name=f"churn-{k}", daemon=True, args=(
                     tag, k, args.seed, args.min_namespaces, args.max_namespaces, args.rate, stop,
-                    teardown, results))
+                    teardown, results, done[k]))
                 for k in range(args.workers)
             ]  # fmt: skip
             for w in workers:
@@ -656,7 +661,18 @@ def run(args: argparse.Namespace, report: Report) -> None:
             for t in scrapers:
                 t.start()
             samples = [baseline]
-            while time.monotonic() - churn_started < args.seconds:
+            def enough() -> bool:
+                """--seconds passed and, with --until-enough, the work the checks ask for done."""
+                elapsed = time.monotonic() - churn_started
+                if elapsed < args.seconds:
+                    return False
+                if not args.until_enough or elapsed >= args.max_seconds:
+                    return True
+                changes_so_far = sum(d.value for d in done)
+                scrapes_so_far = sum(len(s.latencies_ms) for s in stats)
+                return changes_so_far >= args.min_changes and scrapes_so_far >= args.min_scrapes
+
+            while not enough():
                 time.sleep(1.0)
                 if daemon.proc.poll() is not None:
                     break
@@ -885,6 +901,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="parse every Nth /metrics body of each scraper with "
                              "prometheus_client (all are checked for truncation)")  # fmt: skip
     parser.add_argument("--min-changes", type=int, default=1000)
+    parser.add_argument("--min-scrapes", type=int, default=0, help="checked with --until-enough")
+    parser.add_argument("--until-enough", action="store_true",
+                        help="after --seconds, go on until --min-changes changes and "
+                             "--min-scrapes scrapes are done (a slow machine then runs longer "
+                             "rather than failing), at most --max-seconds")
+    parser.add_argument("--max-seconds", type=float, default=600.0)
     parser.add_argument("--settle-timeout", type=float, default=30.0)
     parser.add_argument("--json", type=Path, help="write the figures and checks here")
     args = parser.parse_args(argv)

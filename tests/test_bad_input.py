@@ -26,6 +26,7 @@ from tests.bpf_programs import attach_filter
 from tests.kernel import add_clsact, netns, veth_in_one
 from tests.test_daemon import daemon as daemon_ctx
 from tests.test_daemon import find, write_config
+from tests.timing import HANG_GUARD_S
 
 PRIO = "network.classifier_priority"
 NEW_PRIO = f"event_monitoring_config.{PRIO}"
@@ -139,7 +140,7 @@ def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path: Path, key: str) -> None:
     path.write_text(BOMB.replace("i: &i", f"{key}: &i"))
     start = time.monotonic()
     found = problems(path)
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < HANG_GUARD_S  # a hang, not a speed requirement
     assert any(f"{key}: [[[" in line for line in found), found
 
 
@@ -226,7 +227,7 @@ def test_files_that_cannot_be_read_are_one_line_and_never_block(
     path = special_file(tmp_path, kind)
     start = time.monotonic()
     found = problems(path)
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < HANG_GUARD_S  # a hang, not a speed requirement
     assert found == [f"{path}: {expected}"] or (
         len(found) == 1 and found[0].startswith(f"{path}: {expected}")
     ), found
@@ -269,7 +270,7 @@ def test_password_and_tls_files_follow_the_same_policy(
         path.write_text(section)
         start = time.monotonic()
         [line] = problems(path)
-        assert time.monotonic() - start < 2
+        assert time.monotonic() - start < HANG_GUARD_S  # a hang, not a speed requirement
         key = "basic_auth.password_file" if "basic" in section else "tls.key_file"
         assert line.startswith(f"{path}: {key}: '{secret}' {expected}"), line
 
@@ -325,7 +326,7 @@ def test_a_datadog_alias_bomb_value_is_shown_bounded(tmp_path: Path) -> None:
     path.write_text(BOMB.replace("i: &i", "runtime_security_config.network.classifier_priority:"))
     start = time.monotonic()
     s = resolve([path])
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < HANG_GUARD_S  # a hang, not a speed requirement
     [line] = s.errors
     assert line.startswith(f"{path}: {OLD_PRIO}: [[[")
     assert line.endswith("is not an integer in 1..65535; ignored")
@@ -492,7 +493,7 @@ def test_a_system_probe_with_junk_is_one_line_each(
     proc = fake_proc(tmp_path, 77, {"environ": b"", **base})
     start = time.monotonic()
     s = probe_settings(proc, environ={EM_PRIO_ENV: "3"})
-    assert time.monotonic() - start < 3
+    assert time.monotonic() - start < HANG_GUARD_S  # a hang, not a speed requirement
     assert any("source of truth: 1 running system-probe" in n for n in s.notes)
     if expected is None:
         assert s.errors == () and s.agent_version is None
@@ -523,7 +524,7 @@ def test_processes_that_are_not_or_no_longer_system_probe_are_skipped(
     local.write_text(f"{OLD_PRIO}: 9\n")
     start = time.monotonic()
     s = probe_settings(proc, local)
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < HANG_GUARD_S  # a hang, not a speed requirement
     assert s.classifier_priority.value == 9 and s.errors == ()
     assert any("no running system-probe found" in n for n in s.notes)
 
@@ -570,7 +571,7 @@ def test_namespace_discovery_ignores_what_is_not_a_namespace(tmp_path: Path) -> 
     })  # fmt: skip
     start = time.monotonic()
     found = discover_namespaces(proc=proc, named_dirs=[])
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < HANG_GUARD_S  # a hang, not a speed requirement
     mine = os.stat(f"/proc/{os.getpid()}/ns/net")
     assert len(found) == 1, found  # pid 21 is in the same namespace
     ns = found[0]

@@ -26,6 +26,7 @@ from tests.bpf_programs import (
     tcx_attached,
 )
 from tests.kernel import add_clsact, netns, veth, veth_in_one
+from tests.timing import HANG_GUARD_S
 
 BPF_CALL = 0x85
 BPF_EXIT = 0x95
@@ -321,7 +322,7 @@ def test_real_traffic_runs_attached_classifiers(classifier_programs: ClassifierP
             with sender.entered(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
                 for _ in range(3):
                     udp.sendto(b"tcprio", ("10.201.0.2", 9))
-                deadline = time.monotonic() + 3
+                deadline = time.monotonic() + HANG_GUARD_S
                 while time.monotonic() < deadline and (
                     classifier_programs.seen("classifier_ingress") <= seen_before[1]
                 ):

@@ -18,6 +18,7 @@ from tcprio.service.config import BasicAuth, DaemonConfig, TlsConfig
 from tcprio.service.endpoint import Endpoint
 from tcprio.service.metrics import MetricsRenderer
 from tcprio.service.snapshot import Snapshot
+from tests.timing import HANG_GUARD_S
 
 SNAPSHOT = replace(Snapshot.empty("test-kernel"), ready=True)
 
@@ -45,7 +46,7 @@ def serve() -> Iterator:
 def get(url: str, headers: dict[str, str] | None = None, context=None) -> tuple[int, str]:
     request = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=5, context=context) as r:
+        with urllib.request.urlopen(request, timeout=HANG_GUARD_S, context=context) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
@@ -112,7 +113,7 @@ def test_tls_serves_metrics_and_refuses_plain_http(serve, certificate: TlsConfig
 
 
 def raw_request(port: int, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD_S) as s:
         s.sendall(data)
         chunks = []
         while chunk := s.recv(65536):

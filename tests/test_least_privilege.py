@@ -27,6 +27,7 @@ from tcprio.model import Direction
 from tests.bpf_programs import attach_filter, tcx_attached
 from tests.kernel import TestNetns, add_clsact, netns, veth_in_one
 from tests.test_daemon import free_port
+from tests.timing import HANG_GUARD_S, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "tcprio.service"
@@ -144,10 +145,11 @@ def fake_system_probe(tmp_path: Path, priority: int) -> Iterator[int]:
     proc = subprocess.Popen(["setpriv", "--reuid", "65534", "--regid", "65534",
                              "--clear-groups", str(binary), "60"], env=env)  # fmt: skip
     try:
-        deadline = time.monotonic() + 5
-        while Path(f"/proc/{proc.pid}/comm").read_text().strip() != "system-probe":
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(
+            lambda: Path(f"/proc/{proc.pid}/comm").read_text().strip() == "system-probe",
+            "the fake system-probe never started",
+            poll_s=0.01,
+        )
         yield proc.pid
     finally:
         proc.kill()
@@ -187,7 +189,7 @@ def test_the_daemon_runs_with_the_units_capabilities(scene: TestNetns, tmp_path:
     with open(log, "w") as err:
         proc = subprocess.Popen(argv, stdout=err, stderr=err)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + HANG_GUARD_S
         body = ""
         while 'severity="critical"' not in body or 'hook="tcx"' not in body:
             assert proc.poll() is None, log.read_text()
@@ -203,5 +205,5 @@ def test_the_daemon_runs_with_the_units_capabilities(scene: TestNetns, tmp_path:
         assert effective == sum(1 << n for n in (21, 19, 34, 2, 12))  # the unit's five
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=HANG_GUARD_S)
     assert proc.returncode == 0, log.read_text()

@@ -46,6 +46,7 @@ from tcprio.service.live_probe import (
 from tests.bpf_programs import ClassifierPrograms, attach_filter
 from tests.kernel import TestNetns, add_clsact, netns, veth
 from tests.test_run_counters import RECEIVER_IP, SENDER_IP, send_udp
+from tests.timing import HANG_GUARD_S
 
 PACKETS = 50
 CLOSED_PORT = 40999  # nothing listens: the receiver drops the datagrams (kfree_skb)
@@ -181,7 +182,7 @@ def _send_to_closed_port(tx: TestNetns, count: int) -> None:
             sender.sendto(f"layout {i}".encode(), (RECEIVER_IP, CLOSED_PORT))
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float = 2.0) -> bool:
+def _wait_for(condition: Callable[[], bool], timeout: float = HANG_GUARD_S) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:

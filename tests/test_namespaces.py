@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from tcprio.kernel.namespaces import (
     parse_cgroup,
 )
 from tests.kernel import netns
+from tests.timing import wait_until
 
 CONTAINER = "a" * 8 + "0123456789abcdef" * 3 + "b" * 8
 POD = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
@@ -46,16 +46,23 @@ def test_parse_cgroup_v1_cgroupfs_and_docker():
     assert parse_cgroup("0::/\n").container is None
 
 
+def running_sleep_in(pid: int, netns_inode: int) -> bool:
+    """Whether process `pid` is `sleep` (exec'd) in the network namespace `netns_inode`."""
+    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    return comm == "sleep" and os.stat(f"/proc/{pid}/ns/net").st_ino == netns_inode
+
+
 @contextlib.contextmanager
 def process_in_new_netns(env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
     """A `sleep` in a fresh, unnamed network namespace (unshare -n)."""
     proc = subprocess.Popen(["unshare", "-n", "sleep", "60"], env=env)
     try:
-        deadline = time.monotonic() + 5
         host = os.stat("/proc/self/ns/net").st_ino
-        while os.stat(f"/proc/{proc.pid}/ns/net").st_ino == host:
-            assert time.monotonic() < deadline, "unshare never switched namespace"
-            time.sleep(0.01)
+        wait_until(
+            lambda: os.stat(f"/proc/{proc.pid}/ns/net").st_ino != host,
+            "unshare never switched namespace",
+            poll_s=0.01,
+        )
         yield proc
     finally:
         proc.kill()
@@ -73,7 +80,11 @@ def test_discovery_finds_host_named_and_unnamed_namespaces_once_each():
     with netns("disc") as named, process_in_new_netns() as proc:
         in_named = subprocess.Popen(["ip", "netns", "exec", named.name, "sleep", "60"])
         try:
-            time.sleep(0.2)
+            # both have become `sleep`: in the named namespace, in the new one
+            named_inode = os.stat(named.path).st_ino
+            wait_until(lambda: running_sleep_in(in_named.pid, named_inode), "ip netns exec")
+            new_inode = os.stat(f"/proc/{proc.pid}/ns/net").st_ino
+            wait_until(lambda: running_sleep_in(proc.pid, new_inode), "unshare -n sleep")
             found = discover_namespaces()
         finally:
             in_named.kill()

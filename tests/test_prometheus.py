@@ -10,21 +10,27 @@ import contextlib
 import json
 import shutil
 import subprocess
-import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tcprio.model import Direction
 from tests.bpf_programs import attach_filter
 from tests.kernel import add_clsact, netns, veth_in_one
 from tests.test_daemon import RunningDaemon, daemon, free_port
+from tests.timing import HANG_GUARD_S, wait_until
 
 RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "alerts.yml"
 E = Direction.EGRESS
+# Prometheus first scrapes its target about 5 s after it starts (service discovery hands it
+# over every 5 s); from a conflict to the firing alert then takes a scrape, a rule evaluation
+# and the 1 s `for:` (about 2 s here). 10x the longer, and more:
+PROMETHEUS_GUARD_S = 60.0
 
 pytestmark = pytest.mark.skipif(
     shutil.which("prometheus") is None or shutil.which("promtool") is None,
@@ -61,18 +67,19 @@ def prometheus(tmp_path: Path, scrape_port: int) -> Iterator[int]:
          f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
+
+    def ready() -> bool:
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2) as r,
+        ):
+            if r.status == 200:
+                return True
+        assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
+        return False
+
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2) as r,
-            ):
-                if r.status == 200:
-                    break
-            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
-            assert time.monotonic() < deadline, "prometheus never became ready"
-            time.sleep(0.2)
+        wait_until(ready, "prometheus never became ready", poll_s=0.2)
         yield port
     finally:
         proc.terminate()
@@ -84,10 +91,33 @@ def prometheus(tmp_path: Path, scrape_port: int) -> Iterator[int]:
         log.close()
 
 
+def api(port: int, path: str):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=HANG_GUARD_S) as r:
+        return json.load(r)["data"]
+
+
 def firing(port: int, alert: str) -> list[dict]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/alerts", timeout=5) as r:
-        alerts = json.load(r)["data"]["alerts"]
+    alerts = api(port, "/api/v1/alerts")["alerts"]
     return [a for a in alerts if a["labels"]["alertname"] == alert and a["state"] == "firing"]
+
+
+def scraped_at(port: int, query: str) -> float | None:
+    """When Prometheus scraped the series of `query` (its newest sample); None: not yet."""
+    found = api(port, "/api/v1/query?" + urllib.parse.urlencode({"query": f"timestamp({query})"}))
+    return float(found["result"][0]["value"][1]) if found["result"] else None
+
+
+def rules_evaluated_at(port: int) -> float:
+    """When Prometheus last evaluated the alert rules (its own /metrics)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=HANG_GUARD_S) as r:
+        text = r.read().decode()
+    times = [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "prometheus_rule_group_last_evaluation_timestamp_seconds"
+    ]
+    return min(times, default=0.0)
 
 
 def test_prometheus_fires_the_critical_alert_when_a_terminal_classifier_takes_priority_1(
@@ -101,13 +131,21 @@ def test_prometheus_fires_the_critical_alert_when_a_terminal_classifier_takes_pr
         veth_in_one(ns, "x0", "x1")
         add_clsact(ns, "x0")
         attach_filter(ns, "x0", E, 10, "classifier_egress")
-        time.sleep(2)
+        # No alert while Datadog's classifier is alone: checked once the rules have run twice
+        # (enough for a `for: 1s` alert to fire) on a scrape that has the classifier.
+        classifier = f'tcprio_classifier_info{{namespace="{ns.name}",interface="x0"}}'
+        scraped = wait_until(
+            lambda: scraped_at(prom, classifier), "the classifier scraped", PROMETHEUS_GUARD_S
+        )
+        wait_until(lambda: rules_evaluated_at(prom) >= scraped + 2, "the rules evaluated")
         assert firing(prom, "TcprioCriticalConflict") == []
         attach_filter(ns, "x0", E, 1, "term_ok")
-        deadline = time.monotonic() + 45
-        while not (alerts := firing(prom, "TcprioCriticalConflict")):
-            assert time.monotonic() < deadline, "the critical alert never fired"
-            time.sleep(0.5)
+        alerts = wait_until(
+            lambda: firing(prom, "TcprioCriticalConflict"),
+            "the critical alert never fired",
+            PROMETHEUS_GUARD_S,
+            poll_s=0.5,
+        )
     labels = alerts[0]["labels"]
     assert labels["namespace"] == ns.name and labels["interface"] == "x0"
     assert labels["direction"] == "egress"
@@ -128,10 +166,8 @@ def test_metrics_pass_promtool_check_metrics(tmp_path, classifier_programs):
 
 
 def _wait_for_conflict(running: RunningDaemon) -> str:
-    deadline = time.monotonic() + 5
-    while True:
+    def conflict() -> str | None:
         _, text = running.get("/metrics")
-        if 'tcprio_conflict{' in text:
-            return text
-        assert time.monotonic() < deadline, "no conflict in /metrics"
-        time.sleep(0.05)
+        return text if "tcprio_conflict{" in text else None
+
+    return wait_until(conflict, "no conflict in /metrics")

@@ -25,10 +25,15 @@ from tcprio.model import Direction
 from tests.bpf_programs import attach_filter, tcx_attached
 from tests.kernel import TestNetns, add_clsact, netns, run, veth_in_one
 from tests.test_daemon import free_port
+from tests.timing import HANG_GUARD_S, wait_until
 
 TCPRIO = [sys.executable, "-m", "tcprio"]
 NO_DATADOG = ["--no-agent-process", "--datadog-config", "/nonexistent/system-probe.yaml"]
 E, IN = Direction.EGRESS, Direction.INGRESS
+# The daemon's first periodic full resync comes 5 s (the shortest interval) after its first
+# scan: about 5.1 s after it exports the scene here. 10x that, and more:
+RESYNC_GUARD_S = 60.0
+FULL_SCANS = re.compile(r'^tcprio_scans_total\{kind="full"\} (\S+)$', re.M)
 
 
 def bpftool(*argv: str) -> list:
@@ -117,15 +122,20 @@ def test_a_daemon_run_changes_nothing(scene: TestNetns, tmp_path: Path):
     log = tmp_path / "daemon.log"
     with open(log, "w") as err:
         proc = subprocess.Popen([*TCPRIO, "--config", str(config)], stdout=err, stderr=err)
+
+    def metrics() -> str:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return r.read().decode()
+        except OSError:
+            assert proc.poll() is None, log.read_text()
+            return ""
+
     out = ""
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + HANG_GUARD_S
         while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                    out = r.read().decode()
-            except OSError:
-                out = ""
+            out = metrics()
             if f'namespace="{scene.name}"' in out and 'hook="tcx"' in out:
                 break
             assert proc.poll() is None, log.read_text()
@@ -133,11 +143,17 @@ def test_a_daemon_run_changes_nothing(scene: TestNetns, tmp_path: Path):
         else:
             mine = [line for line in out.splitlines() if scene.name in line]
             raise AssertionError(f"the daemon never exported the scene: {mine[:5]}")
-        time.sleep(5.5)  # a full resync (the shortest allowed interval) and many tcx polls
+
+        def full_scans() -> float:
+            found = FULL_SCANS.search(metrics())
+            return float(found.group(1)) if found else 0.0
+
+        # a full resync (the first periodic one, after the start's) and many tcx polls meanwhile
+        wait_until(lambda: full_scans() >= 2, "a periodic full resync", RESYNC_GUARD_S, 0.2)
         assert proc.poll() is None
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=HANG_GUARD_S)
     assert proc.returncode == 0, log.read_text()
     assert_unchanged(scene, before, "the daemon")
 
@@ -156,7 +172,7 @@ def test_the_self_test_creates_only_in_its_own_namespaces(scene: TestNetns):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # programs are freed after an RCU grace period once the scene's namespaces are gone
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + HANG_GUARD_S
     while state(scene) != before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert_unchanged(scene, before, "tcprio self-test")

@@ -18,6 +18,7 @@ from tcprio.model import Direction, Severity
 from tests.bpf_programs import ClassifierPrograms, attach_filter
 from tests.kernel import TestNetns, add_clsact, netns, veth
 from tests.test_scan_kernel import datadog_settings, scan_only
+from tests.timing import HANG_GUARD_S
 
 SENDER_IP, RECEIVER_IP, PORT = "169.254.213.1", "169.254.213.2", 40213
 PACKETS = 50
@@ -41,7 +42,7 @@ def send_udp(tx: TestNetns, rx: TestNetns, count: int) -> int:
         sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with receiver, sender:
         receiver.bind((RECEIVER_IP, PORT))
-        receiver.settimeout(1.0)
+        receiver.settimeout(HANG_GUARD_S)  # every caller expects every datagram
         for i in range(count):
             sender.sendto(f"tcprio {i}".encode(), (RECEIVER_IP, PORT))
         arrived = 0

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tcprio.service import sd_notify
+from tests.timing import HANG_GUARD_S
 
 
 class Listener:
@@ -37,7 +38,7 @@ class Listener:
 def _bound(address: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(address)
-    sock.settimeout(5)
+    sock.settimeout(HANG_GUARD_S)
     return sock
 
 

@@ -16,13 +16,19 @@ from tcprio.service.watch import (
     parse_events,
 )
 from tests.kernel import netns, veth_in_one
+from tests.timing import HANG_GUARD_S
+
+# How long "no event arrives" is watched for. The kernel queues a netlink notification before
+# the call that causes it returns: a slow machine cannot make one arrive late, so this short
+# window decides nothing.
+QUIET_S = 0.3
 
 
-def wait_readable(fd: int, timeout: float = 2.0) -> bool:
+def wait_readable(fd: int, timeout: float = HANG_GUARD_S) -> bool:
     return bool(select.select([fd], [], [], timeout)[0])
 
 
-def drain_until(watch: NamespaceWatch, want: int, timeout: float = 2.0) -> list[TcEvent]:
+def drain_until(watch: NamespaceWatch, want: int, timeout: float = HANG_GUARD_S) -> list[TcEvent]:
     events: list[TcEvent] = []
     deadline = time.monotonic() + timeout
     while len(events) < want and time.monotonic() < deadline:
@@ -60,7 +66,7 @@ def test_events_from_another_namespace_do_not_arrive():
         try:
             veth_in_one(busy, "b0", "b1")
             busy.tc("qdisc", "add", "dev", "b0", "clsact")
-            assert not wait_readable(watch.fileno(), 0.3)
+            assert not wait_readable(watch.fileno(), QUIET_S)
         finally:
             watch.close()
 
@@ -89,7 +95,7 @@ def test_process_exit_makes_the_pidfd_readable():
     proc = subprocess.Popen(["sleep", "30"])
     watch = ProcessExitWatch(proc.pid)
     try:
-        assert not wait_readable(watch.fileno(), 0.1)
+        assert not wait_readable(watch.fileno(), 0.1)  # alive: not readable, however long
         proc.kill()
         assert wait_readable(watch.fileno())
     finally:
