@@ -127,6 +127,19 @@ def _os_error(exc: OSError) -> ConfigReadError:
     return ConfigReadError(f"cannot be read: {exc.strerror}", "io")
 
 
+def read_up_to(fd: int, count: int) -> bytes:
+    """At most `count` bytes from `fd`, reading until end of file or `count` (callers ask for one
+    byte more than they allow, to tell a file at the limit from a larger one)."""
+    chunks, size = [], 0
+    while size < count:
+        chunk = os.read(fd, count - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 def read_bytes_checked(path: Path, limit: int = MAX_FILE_BYTES, root: Path | None = None) -> bytes:
     """The bytes of `path` (inside `root` when given) if it is a regular file on a real file
     system of at most `limit` bytes; ConfigReadError (one line, with its `kind`) otherwise."""
@@ -153,20 +166,14 @@ def read_bytes_checked(path: Path, limit: int = MAX_FILE_BYTES, root: Path | Non
         now = os.fstat(fd)
         if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
             raise ConfigReadError("changed while being read", "io")
-        chunks, size = [], 0
-        while size <= limit:
-            chunk = os.read(fd, limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+        data = read_up_to(fd, limit + 1)
     except OSError as exc:
         raise ConfigReadError(f"cannot be read: {exc.strerror}", "io") from None
     finally:
         os.close(fd)
-    if size > limit:
+    if len(data) > limit:
         raise ConfigReadError(f"is more than the {limit} bytes allowed", "size")
-    return b"".join(chunks)
+    return data
 
 
 def lstat_or_none(path: Path) -> os.stat_result | None:
@@ -233,14 +240,7 @@ def read_proc_bytes(path: Path, limit: int) -> tuple[bytes, bool]:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
-        chunks, size = [], 0
-        while size <= limit:
-            chunk = os.read(fd, limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+        data = read_up_to(fd, limit + 1)
     finally:
         os.close(fd)
-    data = b"".join(chunks)
-    return data[:limit], size > limit
+    return data[:limit], len(data) > limit
