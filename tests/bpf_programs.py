@@ -198,10 +198,12 @@ def attach_filter(
     protocol: str | int = "all",
     filter_name: str | None = None,
     replace: bool = False,
+    prog_fd: int | None = None,
 ) -> None:
     """Add a cls_bpf filter running `prog_name` on the clsact qdisc of `ifname` (which must
     exist: `kernel.add_clsact`). The filter lives until the namespace goes away (or
-    `tc filter del`); it keeps its own reference to the program."""
+    `tc filter del`); it keeps its own reference to the program. `prog_fd`: a program of the
+    test's own (then `prog_name` only names the filter)."""
     from pyroute2 import IPRoute
 
     programs = shared_programs()
@@ -214,7 +216,7 @@ def attach_filter(
                 "bpf",
                 ifindex,
                 handle,
-                fd=programs.fd(prog_name),
+                fd=programs.fd(prog_name) if prog_fd is None else prog_fd,
                 name=filter_name or prog_name,
                 parent=CLSACT_PARENT[Direction(direction)],
                 classid=1,

@@ -174,6 +174,14 @@ class ProgramVerdicts:
     exits: tuple[ExitPath, ...]
     unknown_reasons: tuple[str, ...] = ()
 
+    @property
+    def known_values(self) -> frozenset[int]:
+        """What the exits whose values are known can return: when `values` is None, a program
+        can still be shown to return a chain-ending code at one exit it reaches."""
+        if self.values is not None:
+            return self.values
+        return frozenset().union(*(e.values for e in self.exits if e.values is not None))
+
 
 @dataclass(frozen=True)
 class ClassifierVerdict:

@@ -136,15 +136,15 @@ def _unknown(reason: str) -> ClassifierVerdict:
     return ClassifierVerdict(VerdictClass.UNKNOWN, reason=reason)
 
 
-def _program_values(
+def _program_verdicts(
     prog_id: int | None, verdicts: Mapping[int, ProgramVerdicts], catalogue: ProgramCatalogue
-) -> frozenset[int] | str | None:
-    """The program's possible return values, None if unknown, or a string saying why unread."""
+) -> ProgramVerdicts | str:
+    """The program's analysis, or a string saying why it was not read."""
     if prog_id is None:
         return "the kernel did not report the filter's program id"
     if prog_id not in verdicts:
         return catalogue.errors.get(prog_id, f"program {prog_id} vanished during the scan")
-    return verdicts[prog_id].values
+    return verdicts[prog_id]
 
 
 def filter_verdict(
@@ -152,21 +152,22 @@ def filter_verdict(
 ) -> ClassifierVerdict:
     if f.kind != "bpf":
         return semantics.classify_non_bpf_filter(f.kind, f.actions)
-    values = _program_values(f.prog_id, verdicts, catalogue)
-    if isinstance(values, str):
-        return _unknown(values)
+    analysed = _program_verdicts(f.prog_id, verdicts, catalogue)
+    if isinstance(analysed, str):
+        return _unknown(analysed)
+    values, partial = analysed.values, analysed.known_values
     if f.direct_action:
-        return semantics.classify_clsact_direct_action(values)
-    return semantics.classify_clsact_classid(values, f.actions)
+        return semantics.classify_clsact_direct_action(values, partial)
+    return semantics.classify_clsact_classid(values, f.actions, partial)
 
 
 def tcx_verdict(
     entry: TcxEntry, verdicts: Mapping[int, ProgramVerdicts], catalogue: ProgramCatalogue
 ) -> ClassifierVerdict:
-    values = _program_values(entry.prog_id, verdicts, catalogue)
-    if isinstance(values, str):
-        return _unknown(values)
-    return semantics.classify_tcx(values)
+    analysed = _program_verdicts(entry.prog_id, verdicts, catalogue)
+    if isinstance(analysed, str):
+        return _unknown(analysed)
+    return semantics.classify_tcx(analysed.values, analysed.known_values)
 
 
 def _identity(prog_name: str | None, filter_name: str | None) -> tuple[str | None, bool]:

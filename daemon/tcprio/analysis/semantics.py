@@ -70,9 +70,31 @@ def describe_values(values: Iterable[int]) -> str:
     return ", ".join(describe_value(v) for v in sorted(values)) or "nothing"
 
 
-def classify_clsact_direct_action(values: frozenset[int] | None) -> ClassifierVerdict:
-    """cls_bpf in direct-action mode: the return value is the verdict."""
+def _partly_terminal(
+    terminal: list[int], names: tuple[str, ...], ends: str
+) -> ClassifierVerdict:
+    """Some exits could not be determined, but one it reaches returns a chain-ending code."""
+    return ClassifierVerdict(
+        VerdictClass.TERMINAL,
+        terminal_actions=names,
+        reason=f"can return {describe_values(terminal)} at an exit it reaches, which {ends}"
+        " (what its other exits return could not be determined)",
+    )
+
+
+def classify_clsact_direct_action(
+    values: frozenset[int] | None, partial: frozenset[int] = frozenset()
+) -> ClassifierVerdict:
+    """cls_bpf in direct-action mode: the return value is the verdict.
+
+    `values` is every value the program can return, None when some exit is unknown; `partial`
+    is then what the known exits return: one chain-ending value there makes it terminal.
+    """
     if values is None:
+        terminal = sorted(partial & CLSACT_TERMINAL_VALUES)
+        if terminal:
+            names = tuple(action_name(v) for v in terminal)
+            return _partly_terminal(terminal, names, "ends the clsact filter chain")
         return ClassifierVerdict(VerdictClass.UNKNOWN, reason=_UNKNOWN_REASON)
     if not values:
         return ClassifierVerdict(VerdictClass.UNKNOWN, reason="no return value was found")
@@ -90,14 +112,23 @@ def classify_clsact_direct_action(values: frozenset[int] | None) -> ClassifierVe
 
 
 def classify_clsact_classid(
-    values: frozenset[int] | None, actions: tuple[str, ...] = ()
+    values: frozenset[int] | None,
+    actions: tuple[str, ...] = (),
+    partial: frozenset[int] = frozenset(),
 ) -> ClassifierVerdict:
     """cls_bpf without direct-action: the return value is a class id, 0 meaning "no match".
 
     Any other value (-1 included: "use the filter's classid") is a match; the filter's actions
-    then run and give the verdict, TC_ACT_OK when there are none.
+    then run and give the verdict, TC_ACT_OK when there are none. With `values` None, a match
+    among the `partial` values of the known exits makes it terminal.
     """
     if values is None:
+        matches = sorted(v for v in partial if v != 0)
+        if matches:
+            names = tuple(f"{kind} action" for kind in actions) or (action_name(TC_ACT_OK),)
+            return _partly_terminal(
+                matches, names, "is a match (not direct-action): its actions end the chain"
+            )
         return ClassifierVerdict(VerdictClass.UNKNOWN, reason=_UNKNOWN_REASON)
     if not values:
         return ClassifierVerdict(VerdictClass.UNKNOWN, reason="no return value was found")
@@ -130,13 +161,20 @@ def _classid_text(value: int) -> str:
     return f"classid {value & 0xFFFFFFFF:#x}"
 
 
-def classify_tcx(values: frozenset[int] | None) -> ClassifierVerdict:
+def classify_tcx(
+    values: frozenset[int] | None, partial: frozenset[int] = frozenset()
+) -> ClassifierVerdict:
     """A tcx program, seen from the clsact stage: TERMINAL when it can keep clsact from running.
 
     TCX_PASS, TCX_DROP and TCX_REDIRECT end the whole hook; TCX_NEXT and every other value let
     the clsact filters run (other values still stop later tcx programs: see tcx_stops_tcx_chain).
+    With `values` None, one of those among the `partial` values of the known exits is enough.
     """
     if values is None:
+        terminal = sorted(partial & TCX_HOOK_TERMINAL_VALUES)
+        if terminal:
+            names = tuple(TCX_NAMES[v] for v in terminal)
+            return _partly_terminal(terminal, names, "ends the hook: no clsact filter runs")
         return ClassifierVerdict(VerdictClass.UNKNOWN, reason=_UNKNOWN_REASON)
     if not values:
         return ClassifierVerdict(VerdictClass.UNKNOWN, reason="no return value was found")

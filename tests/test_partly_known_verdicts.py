@@ -1,0 +1,165 @@
+"""A classifier with a reachable exit that returns a chain-ending code may end the chain.
+
+Real enforcers (Cilium's and Calico's endpoint programs) mix exits tcprio can prove (`return
+TC_ACT_SHOT`, a tail-called program returning OK/REDIRECT) with exits it cannot (a verdict read
+from a map or the packet). One provable terminal exit is enough: the classifier is terminal,
+whatever its other exits return. `unknown` is kept for programs where no such exit is found and
+some exit cannot be proven. Checked here on a program shaped like that, against
+BPF_PROG_TEST_RUN and against run counters on real traffic between test namespaces.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from tcprio.analysis import semantics
+from tcprio.analysis.verdicts import analyse_program
+from tcprio.kernel import bpf_syscalls
+from tcprio.model import Direction, Severity, VerdictClass
+from tests.bpf_asm import R0, R1, R6, assemble, exit_, jmp_imm, label, ldx, mov64_imm, mov64_reg
+from tests.bpf_programs import ClassifierPrograms, attach_filter
+from tests.test_bpf_syscalls import encode_insns, ipv4_udp_packet
+from tests.test_run_counters import PORT, RECEIVER_IP, pair, run_count  # noqa: F401 (fixture)
+from tests.test_scan_kernel import datadog_settings, scan_only
+from tests.timing import HANG_GUARD_S
+
+SKB_LEN = 0  # offsetof(struct __sk_buff, len)
+BIG = 200  # packets longer than this are dropped by a constant exit
+PACKETS = 50
+
+
+def _drop_big_else_length() -> bytes:
+    """`if (skb->len > 200) return TC_ACT_SHOT; return skb->len;`, two exits: the first a
+    constant the analysis proves, the second a value it cannot know (it continues the chain in
+    direct-action mode for every real packet: no frame is 0, 2, 4, 7 or 8 bytes long)."""
+    return encode_insns(assemble(
+        mov64_reg(R6, R1),
+        ldx(4, R0, R6, SKB_LEN),
+        jmp_imm("jgt", R0, BIG, "drop"),
+        exit_(),
+        label("drop"),
+        mov64_imm(R0, semantics.TC_ACT_SHOT),
+        exit_(),
+    ))  # fmt: skip
+
+
+@pytest.fixture
+def drop_big() -> Iterator[int]:
+    fd = bpf_syscalls.prog_load_raw(
+        bpf_syscalls.BPF_PROG_TYPE_SCHED_CLS, _drop_big_else_length(), "drop_big"
+    )
+    yield fd
+    os.close(fd)
+
+
+# --- the rule, pure ----------------------------------------------------------------------------
+
+
+def test_a_known_terminal_exit_makes_a_partly_unknown_program_terminal() -> None:
+    verdict = semantics.classify_clsact_direct_action(None, frozenset({-1, 2}))
+    assert verdict.verdict_class is VerdictClass.TERMINAL
+    assert verdict.terminal_actions == ("TC_ACT_SHOT",)
+    assert "could not be determined" in verdict.reason
+
+
+@pytest.mark.parametrize("partial", [frozenset(), frozenset({-1, 3, 42})])
+def test_without_a_known_terminal_exit_it_stays_unknown(partial: frozenset[int]) -> None:
+    assert (
+        semantics.classify_clsact_direct_action(None, partial).verdict_class
+        is VerdictClass.UNKNOWN
+    )
+    assert semantics.classify_tcx(None, partial).verdict_class is VerdictClass.UNKNOWN
+
+
+def test_the_same_rule_on_tcx_and_without_direct_action() -> None:
+    tcx = semantics.classify_tcx(None, frozenset({-1, 7}))
+    assert (tcx.verdict_class, tcx.terminal_actions) == (VerdictClass.TERMINAL, ("TCX_REDIRECT",))
+    # tcx: 3 stops later tcx programs but lets clsact run: not terminal for the clsact stage
+    assert semantics.classify_tcx(None, frozenset({3})).verdict_class is VerdictClass.UNKNOWN
+    classid = semantics.classify_clsact_classid(None, (), frozenset({0, 0x10001}))
+    assert classid.verdict_class is VerdictClass.TERMINAL
+    assert (
+        semantics.classify_clsact_classid(None, (), frozenset({0})).verdict_class
+        is VerdictClass.UNKNOWN
+    )
+
+
+# --- against the kernel ------------------------------------------------------------------------
+
+
+def test_the_analysis_finds_the_terminal_exit_and_the_kernel_returns_it(drop_big: int) -> None:
+    prog_id = bpf_syscalls.prog_id_of_fd(drop_big)
+    info = bpf_syscalls.prog_info(prog_id)
+    verdicts = analyse_program(prog_id, {prog_id: info}, {}, bpf_syscalls.helper_symbols())
+    assert verdicts.values is None  # one exit cannot be proven...
+    assert verdicts.known_values == {semantics.TC_ACT_SHOT}  # ...the other returns SHOT
+    verdict = semantics.classify_clsact_direct_action(verdicts.values, verdicts.known_values)
+    assert verdict.verdict_class is VerdictClass.TERMINAL
+    # The kernel: a big frame gets TC_ACT_SHOT, a small one its length (which continues).
+    big, small = ipv4_udp_packet(pad_to=BIG + 100), ipv4_udp_packet()
+    assert bpf_syscalls.prog_test_run(drop_big, big) == semantics.TC_ACT_SHOT
+    assert bpf_syscalls.prog_test_run(drop_big, small) == len(small)
+
+
+def _send(tx, rx, payload_size: int, count: int) -> tuple[int, int]:
+    """Send `count` datagrams of `payload_size` bytes, then one small marker; the veth keeps
+    the order, so once the marker is in, every earlier datagram was classified. Returns (how
+    many of the `count` arrived, 1 when the marker did)."""
+    with rx.entered():
+        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with tx.entered():
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with receiver, sender:
+        receiver.bind((RECEIVER_IP, PORT))
+        receiver.settimeout(HANG_GUARD_S)
+        for _ in range(count):
+            sender.sendto(b"x" * payload_size, (RECEIVER_IP, PORT))
+        sender.sendto(b"marker", (RECEIVER_IP, PORT))
+        arrived = 0
+        while (data := receiver.recv(65536)) != b"marker":
+            arrived += 1 if len(data) == payload_size else 0
+    return arrived, 1
+
+
+def test_it_hides_the_observer_on_real_traffic_and_tcprio_says_critical(
+    pair,  # noqa: F811
+    classifier_programs: ClassifierPrograms,
+    drop_big: int,
+) -> None:
+    tx, rx = pair
+    attach_filter(tx, "a0", Direction.EGRESS, 1, "drop_big", prog_fd=drop_big)
+    attach_filter(tx, "a0", Direction.EGRESS, 10, "classifier_egress")
+    drop_big_id = bpf_syscalls.prog_id_of_fd(drop_big)
+
+    def runs() -> tuple[int, int]:
+        mine = bpf_syscalls.prog_info(drop_big_id, with_insns=False).run_cnt
+        return mine, run_count(classifier_programs, "classifier_egress")
+
+    with bpf_syscalls.run_stats():
+        start = runs()
+        small_arrived, _ = _send(tx, rx, 32, PACKETS)
+        after_small = runs()
+        big_arrived, _ = _send(tx, rx, BIG + 100, PACKETS)
+        after_big = runs()
+    # Small datagrams: the length is returned, the chain goes on, the observer sees them.
+    assert small_arrived == PACKETS
+    assert after_small[1] - start[1] >= PACKETS
+    # Big ones: TC_ACT_SHOT at priority 1 ends the chain; the observer sees only the marker
+    # (and whatever small frames the namespace sends on its own, far fewer than PACKETS).
+    assert big_arrived == 0
+    assert after_big[0] - after_small[0] >= PACKETS
+    assert after_big[1] - after_small[1] < PACKETS // 2, "the observer saw the dropped datagrams"
+
+    scan = scan_only({tx.name}, datadog_settings())
+    hooks = scan.result.hooks
+    [hook] = [h for h in hooks if h.interface == "a0" and h.direction is Direction.EGRESS]
+    classifier = next(c for c in hook.classifiers if c.priority == 1)
+    assert classifier.verdict.verdict_class is VerdictClass.TERMINAL
+    assert classifier.verdict.terminal_actions == ("TC_ACT_SHOT",)
+    assert [(c.interface, c.severity) for c in scan.result.conflicts] == [
+        ("a0", Severity.CRITICAL)
+    ]
