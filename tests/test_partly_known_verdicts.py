@@ -17,10 +17,24 @@ from collections.abc import Iterator
 import pytest
 
 from tcprio.analysis import semantics
-from tcprio.analysis.verdicts import analyse_program
+from tcprio.analysis.verdicts import analyse_program, explain
 from tcprio.kernel import bpf_syscalls
-from tcprio.model import Direction, Severity, VerdictClass
-from tests.bpf_asm import R0, R1, R6, assemble, exit_, jmp_imm, label, ldx, mov64_imm, mov64_reg
+from tcprio.model import Direction, Instruction, ProgramVerdicts, Severity, VerdictClass
+from tests.bpf_asm import (
+    R0,
+    R1,
+    R6,
+    R10,
+    assemble,
+    exit_,
+    ja,
+    jmp_imm,
+    label,
+    ldx,
+    mov64_imm,
+    mov64_reg,
+    stx,
+)
 from tests.bpf_programs import ClassifierPrograms, attach_filter
 from tests.test_bpf_syscalls import encode_insns, ipv4_udp_packet
 from tests.test_run_counters import PORT, RECEIVER_IP, pair, run_count  # noqa: F401 (fixture)
@@ -32,11 +46,11 @@ BIG = 200  # packets longer than this are dropped by a constant exit
 PACKETS = 50
 
 
-def _drop_big_else_length() -> bytes:
-    """`if (skb->len > 200) return TC_ACT_SHOT; return skb->len;`, two exits: the first a
+def _two_exits() -> tuple[Instruction, ...]:
+    """`if (skb->len > 200) return TC_ACT_SHOT; return skb->len;` with two exits: the first a
     constant the analysis proves, the second a value it cannot know (it continues the chain in
     direct-action mode for every real packet: no frame is 0, 2, 4, 7 or 8 bytes long)."""
-    return encode_insns(assemble(
+    return assemble(
         mov64_reg(R6, R1),
         ldx(4, R0, R6, SKB_LEN),
         jmp_imm("jgt", R0, BIG, "drop"),
@@ -44,14 +58,62 @@ def _drop_big_else_length() -> bytes:
         label("drop"),
         mov64_imm(R0, semantics.TC_ACT_SHOT),
         exit_(),
-    ))  # fmt: skip
-
-
-@pytest.fixture
-def drop_big() -> Iterator[int]:
-    fd = bpf_syscalls.prog_load_raw(
-        bpf_syscalls.BPF_PROG_TYPE_SCHED_CLS, _drop_big_else_length(), "drop_big"
     )
+
+
+def _one_exit() -> tuple[Instruction, ...]:
+    """The same, funnelled into one exit the way clang compiles it: r0 there is the join of
+    TC_ACT_SHOT and an unknown length."""
+    return assemble(
+        mov64_reg(R6, R1),
+        ldx(4, R0, R6, SKB_LEN),
+        jmp_imm("jgt", R0, BIG, "drop"),
+        ja("out"),
+        label("drop"),
+        mov64_imm(R0, semantics.TC_ACT_SHOT),
+        label("out"),
+        exit_(),
+    )
+
+
+def _one_exit_through_a_4_byte_spill() -> tuple[Instruction, ...]:
+    """Funnelled, then spilled to the stack as 4 bytes and reloaded before the exit."""
+    return assemble(
+        mov64_reg(R6, R1),
+        ldx(4, R0, R6, SKB_LEN),
+        jmp_imm("jgt", R0, BIG, "drop"),
+        ja("out"),
+        label("drop"),
+        mov64_imm(R0, semantics.TC_ACT_SHOT),
+        label("out"),
+        stx(4, R10, R0, -4),
+        ldx(4, R0, R10, -4),
+        exit_(),
+    )
+
+
+SHAPES = {
+    "two exits": _two_exits,
+    "one exit": _one_exit,
+    "one exit, spilled": _one_exit_through_a_4_byte_spill,
+}
+
+
+def _load(insns: tuple[Instruction, ...], name: str) -> int:
+    return bpf_syscalls.prog_load_raw(
+        bpf_syscalls.BPF_PROG_TYPE_SCHED_CLS, encode_insns(insns), name
+    )
+
+
+def _analysed(fd: int) -> ProgramVerdicts:
+    prog_id = bpf_syscalls.prog_id_of_fd(fd)
+    info = bpf_syscalls.prog_info(prog_id)
+    return analyse_program(prog_id, {prog_id: info}, {}, bpf_syscalls.helper_symbols())
+
+
+@pytest.fixture(params=sorted(SHAPES))
+def drop_big(request: pytest.FixtureRequest) -> Iterator[int]:
+    fd = _load(SHAPES[request.param](), "drop_big")
     yield fd
     os.close(fd)
 
@@ -92,10 +154,8 @@ def test_the_same_rule_on_tcx_and_without_direct_action() -> None:
 
 
 def test_the_analysis_finds_the_terminal_exit_and_the_kernel_returns_it(drop_big: int) -> None:
-    prog_id = bpf_syscalls.prog_id_of_fd(drop_big)
-    info = bpf_syscalls.prog_info(prog_id)
-    verdicts = analyse_program(prog_id, {prog_id: info}, {}, bpf_syscalls.helper_symbols())
-    assert verdicts.values is None  # one exit cannot be proven...
+    verdicts = _analysed(drop_big)
+    assert verdicts.values is None  # one exit (or one path to the exit) cannot be proven...
     assert verdicts.known_values == {semantics.TC_ACT_SHOT}  # ...the other returns SHOT
     verdict = semantics.classify_clsact_direct_action(verdicts.values, verdicts.known_values)
     assert verdict.verdict_class is VerdictClass.TERMINAL
@@ -103,6 +163,38 @@ def test_the_analysis_finds_the_terminal_exit_and_the_kernel_returns_it(drop_big
     big, small = ipv4_udp_packet(pad_to=BIG + 100), ipv4_udp_packet()
     assert bpf_syscalls.prog_test_run(drop_big, big) == semantics.TC_ACT_SHOT
     assert bpf_syscalls.prog_test_run(drop_big, small) == len(small)
+    assert any("TC_ACT_SHOT (2)" in line for line in explain(verdicts)[1:])
+
+
+def test_a_branch_that_rules_the_constant_out_drops_it() -> None:
+    """`if (r0 == 2) return TC_ACT_UNSPEC; return r0;` after the join: SHOT cannot reach the
+    last exit, so the program is unknown (and the kernel never returns 2), not terminal."""
+    insns = assemble(
+        mov64_reg(R6, R1),
+        ldx(4, R0, R6, SKB_LEN),
+        jmp_imm("jgt", R0, BIG, "drop"),
+        ja("out"),
+        label("drop"),
+        mov64_imm(R0, semantics.TC_ACT_SHOT),
+        label("out"),
+        jmp_imm("jeq", R0, semantics.TC_ACT_SHOT, "unspec"),
+        exit_(),
+        label("unspec"),
+        mov64_imm(R0, semantics.TC_ACT_UNSPEC),
+        exit_(),
+    )
+    fd = _load(insns, "shot_ruled_out")
+    try:
+        verdicts = _analysed(fd)
+        assert verdicts.values is None
+        assert verdicts.known_values == {semantics.TC_ACT_UNSPEC}
+        verdict = semantics.classify_clsact_direct_action(verdicts.values, verdicts.known_values)
+        assert verdict.verdict_class is VerdictClass.UNKNOWN
+        big, small = ipv4_udp_packet(pad_to=BIG + 100), ipv4_udp_packet()
+        assert bpf_syscalls.prog_test_run(fd, big) == semantics.TC_ACT_UNSPEC
+        assert bpf_syscalls.prog_test_run(fd, small) == len(small)
+    finally:
+        os.close(fd)
 
 
 def _send(tx, rx, payload_size: int, count: int) -> tuple[int, int]:

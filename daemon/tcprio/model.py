@@ -163,6 +163,9 @@ class ExitPath:
     prog_id: int
     values: frozenset[int] | None  # raw 32-bit signed return values; None = unknown
     note: str = ""  # how it got there: "tail call to prog 12 (map 4 slot 0)", "bpf_redirect()"
+    # When values is None: values r0 is known to hold here on some paths (`return TC_ACT_SHOT`
+    # funnelled into the same exit as a verdict read from a map).
+    may_return: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,9 @@ class ProgramVerdicts:
         can still be shown to return a chain-ending code at one exit it reaches."""
         if self.values is not None:
             return self.values
-        return frozenset().union(*(e.values for e in self.exits if e.values is not None))
+        return frozenset().union(
+            *(e.values if e.values is not None else e.may_return for e in self.exits)
+        )
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,7 @@ def _program_json(info: ProgramInfo, verdicts: ProgramVerdicts | None) -> dict[s
                     "pc": e.pc,
                     "values": None if e.values is None else sorted(e.values),
                     "note": e.note,
+                    **({"may_return": sorted(e.may_return)} if e.may_return else {}),
                 }
                 for e in verdicts.exits
             ],

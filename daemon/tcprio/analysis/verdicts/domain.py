@@ -3,7 +3,10 @@ arithmetic on abstract values and the refinement of operands by conditional jump
 
 Abstract values of a register or a stack slot:
 - Consts: a small set of known 64-bit values (beyond AnalysisLimits.max_values: Unknown);
-- Unknown: anything, with the reason it is unknown and whether it may point into a stack;
+- Unknown: anything, with the reason it is unknown, whether it may point into a stack, and
+  the constants it is known to hold on some of the paths that reach it (`also`: joining
+  `r0 = TC_ACT_SHOT` with a verdict read from a map keeps the SHOT; a classifier that may
+  return it may end the chain whatever else it returns);
 - FramePtr: the frame pointer of call frame N plus a known offset;
 - MapPtr: the address of one of a few maps (ld_imm64 with BPF_PSEUDO_MAP_FD).
 """
@@ -40,6 +43,7 @@ from tcprio.analysis.verdicts.opcodes import (
 )
 
 MAX_ORIGINS = 4
+MAX_ALSO = 64  # constants an Unknown remembers; the smallest are kept (TC_ACT_* codes first)
 MAX_COMBINED_VALUES = 1024  # the join caps them again; this only bounds the work
 # `if rX op rX`: these always hold, these never do (jset holds unless rX is 0).
 _SELF_ALWAYS = frozenset({J_JEQ, J_JGE, J_JLE, J_JSGE, J_JSLE})
@@ -71,24 +75,44 @@ class Consts:
 
 
 class Unknown:
-    __slots__ = ("may_stack", "reason")
+    __slots__ = ("also", "may_stack", "reason")
 
-    def __init__(self, reason: str, may_stack: bool = False) -> None:
+    def __init__(
+        self, reason: str, may_stack: bool = False, also: frozenset[int] = frozenset()
+    ) -> None:
         self.reason = reason  # completes "r0 ...": "was loaded from memory at pc 17"
         self.may_stack = may_stack  # may point into a stack: stores through it clobber slots
+        # 64-bit values it holds on some paths (a may-fact, never a bound): only joins add
+        # them; every operation that changes the value drops them, branches filter them.
+        self.also = also
 
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, Unknown)
             and self.may_stack == other.may_stack
             and self.reason == other.reason
+            and self.also == other.also
         )
 
     def __hash__(self) -> int:
         return hash(self.reason)
 
     def __repr__(self) -> str:
-        return f"Unknown({self.reason!r}{', stack' if self.may_stack else ''})"
+        extra = f", also {sorted(self.also)}" if self.also else ""
+        return f"Unknown({self.reason!r}{', stack' if self.may_stack else ''}{extra})"
+
+
+def _also(value: Value) -> frozenset[int]:
+    """The constants a value is known to hold on some paths."""
+    if isinstance(value, Consts):
+        return value.values
+    if isinstance(value, Unknown):
+        return value.also
+    return frozenset()
+
+
+def _capped_also(values: frozenset[int]) -> frozenset[int]:
+    return values if len(values) <= MAX_ALSO else frozenset(sorted(values)[:MAX_ALSO])
 
 
 class FramePtr:
@@ -151,11 +175,14 @@ def join(a: Value, b: Value, cap: int) -> Value:
             return Unknown(f"has more than {cap} possible values")
         return Consts(values, join_origins(a.origins, b.origins))
     if isinstance(a, Unknown):
-        if a.may_stack or not may_point_to_stack(b):
+        may_stack = a.may_stack or may_point_to_stack(b)
+        also = _capped_also(a.also | _also(b))
+        if may_stack == a.may_stack and also == a.also:
             return a
-        return Unknown(a.reason, True)
+        return Unknown(a.reason, may_stack, also)
     if isinstance(b, Unknown):
-        return Unknown(b.reason, b.may_stack or may_point_to_stack(a))
+        also = _capped_also(b.also | _also(a))
+        return Unknown(b.reason, b.may_stack or may_point_to_stack(a), also)
     if a == b:
         return a
     if isinstance(a, MapPtr) and isinstance(b, MapPtr):
@@ -186,7 +213,9 @@ def _narrow(value: Value, size: int) -> Value:
     if isinstance(value, Consts):
         return Consts(frozenset(v & byte_mask(size) for v in value.values), value.origins)
     if isinstance(value, Unknown):
-        return Unknown(value.reason) if value.may_stack else value
+        if not value.may_stack and not value.also:
+            return value
+        return Unknown(value.reason, also=frozenset(v & byte_mask(size) for v in value.also))
     return Unknown("is part of a pointer")
 
 
@@ -529,6 +558,43 @@ Edge = tuple[bool, Value, Value]  # (possible, refined dst, refined src)
 
 def branch_edges(op: int, d: Value, s: Value, bits: int, same_reg: bool) -> tuple[Edge, Edge]:
     """(taken, fall-through) edges of `if d op s`, with the operands refined on each."""
+    taken, fall = _branch_edges(op, d, s, bits, same_reg)
+    if not (isinstance(d, Unknown) and d.also) and not (isinstance(s, Unknown) and s.also):
+        return taken, fall
+    return (
+        _edge_filtering_also(taken, op, bits, True, same_reg),
+        _edge_filtering_also(fall, op, bits, False, same_reg),
+    )
+
+
+def _edge_filtering_also(edge: Edge, op: int, bits: int, holds: bool, same_reg: bool) -> Edge:
+    """Keep, in an Unknown operand's `also`, only the values that can take this edge."""
+    feasible, d, s = edge
+    mask = (1 << bits) - 1
+    if isinstance(d, Unknown) and d.also:
+        if same_reg:
+            kept = {v for v in d.also if _holds(op, v & mask, v & mask, bits) == holds}
+        elif isinstance(s, Consts):
+            kept = {
+                v for v in d.also if any(_holds(op, v & mask, w & mask, bits) == holds
+                                         for w in s.values)
+            }  # fmt: skip
+        else:
+            kept = set(d.also)
+        d = Unknown(d.reason, d.may_stack, frozenset(kept))
+    if isinstance(s, Unknown) and s.also and not same_reg:
+        if isinstance(d, Consts):
+            kept = {
+                w for w in s.also if any(_holds(op, v & mask, w & mask, bits) == holds
+                                         for v in d.values)
+            }  # fmt: skip
+        else:
+            kept = set(s.also)
+        s = Unknown(s.reason, s.may_stack, frozenset(kept))
+    return feasible, d, s
+
+
+def _branch_edges(op: int, d: Value, s: Value, bits: int, same_reg: bool) -> tuple[Edge, Edge]:
     mask = (1 << bits) - 1
     if same_reg:
         return _self_branch_edges(op, d, mask, bits)

@@ -414,7 +414,7 @@ class _Analysis(TailCalls):
         if mode in (MODE_MEM, MODE_MEMSX) and isinstance(base, FramePtr):
             value = stack_load(stack, base.frame, base.off + off, size)
             if isinstance(value, Unknown) and value.reason.startswith("was loaded from"):
-                value = Unknown(f"{value.reason} (pc {pc})")
+                value = Unknown(f"{value.reason} (pc {pc})", also=value.also)
             if mode == MODE_MEMSX and size < 8:
                 value = self._sign_extend(value, size * 8, pc)
             regs[dst] = value
@@ -710,7 +710,8 @@ class _Analysis(TailCalls):
         for (prog, pc), r0 in self.exits.items():
             values = _return_values(r0)
             note = self._exit_note(prog, r0, values)
-            exits.append(ExitPath(pc, prog, values, note))
+            also = frozenset(s32(v) for v in r0.also) if isinstance(r0, Unknown) else frozenset()
+            exits.append(ExitPath(pc, prog, values, note, also))
             if values is None:
                 reasons.append(f"exit at pc {pc} of prog {prog}: {note}")
         for (prog, pc), reason in self.unknown_paths.items():
@@ -791,6 +792,8 @@ def explain(verdicts: ProgramVerdicts) -> list[str]:
         if path.prog_id != verdicts.prog_id:
             where += f" of prog {path.prog_id}"
         shown = "unknown" if path.values is None else describe_values(path.values)
+        if path.values is None and path.may_return:
+            shown += f", among them {describe_values(path.may_return)}"
         lines.append(f"  exit at {where}: {shown}" + (f" ({path.note})" if path.note else ""))
     if verdicts.unknown_reasons:
         lines.append("  unknown because:")
