@@ -249,6 +249,7 @@ class Classifier:
     filter_name: str | None = None
     link_id: int | None = None
     is_datadog: bool = False
+    vendor_evidence: str = ""  # the names that identified the vendor, one line
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,7 @@ def classifier_json(c: Classifier) -> dict[str, Any]:
         "name": c.name,
         "vendor": c.vendor,
         "is_datadog": c.is_datadog,
+        "vendor_evidence": c.vendor_evidence,
         "verdict_class": str(c.verdict.verdict_class),
         "terminal_actions": list(c.verdict.terminal_actions),
         "verdict_reason": c.verdict.reason,
@@ -350,6 +351,8 @@ def _hook_lines(report: HookReport, style: Style, explain_terminal: bool, scan: 
         elif c.is_datadog:
             mark = "  <- Datadog"
         lines.append(f"    {classifier_line(c)}{mark}")
+        if explain_terminal and c.vendor_evidence:
+            lines.append(f"        {c.vendor} by {c.vendor_evidence}")
         if explain_terminal and c.prog_id in scan.verdicts:
             lines += [f"        {line}" for line in explain(scan.verdicts[c.prog_id])]
     lines += [style.dim(f"    note: {n}") for n in report.notes]

@@ -170,11 +170,13 @@ def tcx_verdict(
     return semantics.classify_tcx(analysed.values, analysed.known_values)
 
 
-def _identity(prog_name: str | None, filter_name: str | None) -> tuple[str | None, bool]:
-    rule = vendors.identify(prog_name, filter_name)
-    if rule is None:
-        return None, False
-    return rule.name, rule.datadog_classifier
+def _identity(prog_name: str | None, filter_name: str | None) -> tuple[str | None, bool, str]:
+    """(vendor, whether it is Datadog's classifier, the evidence)."""
+    found = vendors.identify_with_evidence(prog_name, filter_name)
+    if found is None:
+        return None, False, ""
+    rule, evidence = found
+    return rule.name, rule.datadog_classifier, evidence
 
 
 def display_name(program: ProgramInfo | None) -> str | None:
@@ -189,7 +191,7 @@ def filter_classifier(
 ) -> Classifier:
     program = catalogue.programs.get(f.prog_id) if f.prog_id is not None else None
     prog_name = display_name(program)
-    vendor, is_datadog = _identity(prog_name, f.name)
+    vendor, is_datadog, evidence = _identity(prog_name, f.name)
     return Classifier(
         hook=HookKind.CLSACT,
         position=f.position,
@@ -205,6 +207,7 @@ def filter_classifier(
         direct_action=f.direct_action,
         filter_name=f.name,
         is_datadog=is_datadog,
+        vendor_evidence=evidence,
     )
 
 
@@ -213,7 +216,7 @@ def tcx_classifier(
 ) -> Classifier:
     program = catalogue.programs.get(entry.prog_id)
     prog_name = display_name(program)
-    vendor, _ = _identity(prog_name, None)
+    vendor, _, evidence = _identity(prog_name, None)
     return Classifier(
         hook=HookKind.TCX,
         position=entry.position,
@@ -223,6 +226,7 @@ def tcx_classifier(
         verdict=tcx_verdict(entry, verdicts, catalogue),
         kind="bpf",
         link_id=entry.link_id,
+        vendor_evidence=evidence,
     )
 
 

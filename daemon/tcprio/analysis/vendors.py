@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+KERNEL_NAME_CHARS = 15  # BPF_OBJ_NAME_LEN - 1: what the kernel keeps of a program's name
+
 
 @dataclass(frozen=True)
 class VendorRule:
@@ -19,11 +21,50 @@ class VendorRule:
     filters: tuple[re.Pattern[str], ...]
     datadog_classifier: bool = False
     remedy: str = ""
+    # Exact identity (Datadog's classifiers): whole program names, and whole filter names.
+    exact_programs: frozenset[str] = frozenset()
+    exact_filters: tuple[re.Pattern[str], ...] = ()
 
     def matches(self, program_name: str | None, filter_name: str | None) -> bool:
-        if program_name and any(p.match(program_name) for p in self.programs):
-            return True
-        return bool(filter_name and any(p.match(filter_name) for p in self.filters))
+        return self.evidence(program_name, filter_name) is not None
+
+    def evidence(self, program_name: str | None, filter_name: str | None) -> str | None:
+        """Why this classifier is this vendor's (one line), or None when it is not."""
+        if self.exact_programs or self.exact_filters:
+            return self._exact_evidence(program_name, filter_name)
+        if program_name:
+            for pattern in self.programs:
+                if pattern.match(program_name):
+                    return f"program name {program_name} starts like {pattern.pattern!r}"
+        if filter_name:
+            for pattern in self.filters:
+                if pattern.match(filter_name):
+                    return f"filter name {filter_name} starts like {pattern.pattern!r}"
+        return None
+
+    def _exact_evidence(self, program_name: str | None, filter_name: str | None) -> str | None:
+        """Exact names only: a program named `classifier_ingress_fw` is not Datadog's.
+
+        The full program name (from BTF) must be one of `exact_programs`. A name the kernel cut
+        to 15 characters, or no program name at all, needs the filter name as well."""
+        filter_ok = bool(filter_name) and any(p.fullmatch(filter_name) for p in self.exact_filters)
+        if program_name in self.exact_programs:
+            return f"program name {program_name}" + (
+                f" and filter name {filter_name}" if filter_ok else ""
+            )
+        if not filter_ok:
+            return None
+        if program_name is None:
+            return f"filter name {filter_name} (the program's name is not known)"
+        cut = len(program_name) == KERNEL_NAME_CHARS and any(
+            full.startswith(program_name) for full in self.exact_programs
+        )
+        if cut:
+            return (
+                f"filter name {filter_name} and program name {program_name} "
+                "(cut to 15 characters by the kernel)"
+            )
+        return None
 
 
 def _rule(entry: dict[str, Any]) -> VendorRule:
@@ -34,6 +75,8 @@ def _rule(entry: dict[str, Any]) -> VendorRule:
         filters=tuple(re.compile(p) for p in entry.get("filters", [])),
         datadog_classifier=bool(entry.get("datadog_classifier", False)),
         remedy=str(entry.get("remedy", "")).strip(),
+        exact_programs=frozenset(str(n) for n in entry.get("exact_programs", [])),
+        exact_filters=tuple(re.compile(p) for p in entry.get("exact_filters", [])),
     )
 
 
@@ -59,6 +102,19 @@ def identify(
     for rule in default_rules() if rules is None else rules:
         if rule.matches(program_name, filter_name):
             return rule
+    return None
+
+
+def identify_with_evidence(
+    program_name: str | None,
+    filter_name: str | None,
+    rules: tuple[VendorRule, ...] | None = None,
+) -> tuple[VendorRule, str] | None:
+    """The first rule matching the program or filter name, with the evidence, or None."""
+    for rule in default_rules() if rules is None else rules:
+        evidence = rule.evidence(program_name, filter_name)
+        if evidence is not None:
+            return rule, evidence
     return None
 
 

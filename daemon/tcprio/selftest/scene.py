@@ -259,7 +259,10 @@ def attach_clsact(scene: Scene, placement: Placement, prog_fd: int) -> None:
                 ifindex,
                 None,
                 fd=prog_fd,
-                name=f"{placement.function}_selftest_{scene.pid}",
+                # Named the way Datadog's ebpf-manager names its filters, <section>_<uid>_<pid>:
+                # the programs are loaded without BTF, so the kernel keeps 15 characters of
+                # their names, and the filter name is what identifies Datadog's classifier.
+                name=f"{placement.function}_{os.getuid()}_{scene.pid}",
                 parent=CLSACT_PARENT[placement.direction],
                 classid=1,
                 direct_action=True,
