@@ -23,7 +23,23 @@ def test_verdicts_are_reused_until_a_tail_call_slot_changes():
         assert analyse(cache, root).values == frozenset({-1, 2})
 
         programs.set_tail_call(0, None)
-        assert analyse(cache, root).values == frozenset({-1})
+        emptied = analyse(cache, root)
+        assert emptied.values is None  # the empty slot: unknown, not transparent
+        assert emptied.known_values == frozenset({-1})
+
+
+def test_an_empty_slot_is_unknown_because_the_kernel_runs_whatever_fills_it():
+    """What the kernel does with tail_entry while verdict_jmp[0] is empty, then filled."""
+    from tcprio.kernel import bpf_syscalls
+    from tests.test_bpf_syscalls import ipv4_udp_packet
+
+    with ClassifierPrograms() as programs:
+        root, fd = programs.prog_id("tail_entry"), programs.fd("tail_entry")
+        programs.set_tail_call(0, None)
+        assert bpf_syscalls.prog_test_run(fd, ipv4_udp_packet()) == -1  # transparent today...
+        assert analyse(ProgramCache(), root).values is None  # ...so tcprio says unknown
+        programs.set_tail_call(0, "term_shot")  # the slot's owner fills it: no netlink event
+        assert bpf_syscalls.prog_test_run(fd, ipv4_udp_packet()) == 2  # now it ends the chain
 
 
 def test_program_infos_are_kept_and_unreachable_ones_forgotten(classifier_programs):

@@ -672,23 +672,38 @@ def test_tail_call_with_a_known_slot() -> None:
 
 
 def test_tail_call_with_an_unknown_slot_follows_every_present_slot() -> None:
+    full = {slot: 12 if slot % 2 else 13 for slot in range(8)}  # every slot of the 8 is filled
+    verdicts = analyse(
+        program(1, ldx(4, R3, R1, 0), ld_map(R2, 4), tail_call(), ret(-1)),
+        program(12, ret(0)),
+        program(13, ret(2)),
+        maps={4: prog_array(4, full)},
+    )
+    assert verdicts.values == {-1, 0, 2}
+    assert {e.prog_id for e in verdicts.exits} == {1, 12, 13}
+
+
+def test_tail_call_with_an_unknown_slot_and_empty_slots_is_unknown_but_keeps_what_it_saw() -> None:
     verdicts = analyse(
         program(1, ldx(4, R3, R1, 0), ld_map(R2, 4), tail_call(), ret(-1)),
         program(12, ret(0)),
         program(13, ret(2)),
         maps={4: prog_array(4, {0: 12, 3: 13})},
     )
-    assert verdicts.values == {-1, 0, 2}
+    assert_unknown(verdicts, "is empty now")
+    assert verdicts.known_values == {-1, 0, 2}  # terminal all the same: 0 and 2 end the chain
     assert {e.prog_id for e in verdicts.exits} == {1, 12, 13}
 
 
-def test_tail_call_to_an_empty_slot_falls_through() -> None:
+def test_tail_call_to_an_empty_slot_is_unknown_not_transparent() -> None:
+    """The call fails today, but the slot's owner can fill it at any moment: unknown."""
     verdicts = analyse(
         program(1, tail_call_to(4, 2), ret(-1)),
         program(12, ret(0)),
         maps={4: prog_array(4, {0: 12})},
     )
-    assert verdicts.values == {-1}
+    assert_unknown(verdicts, "slot 2 of map 4 is empty now")
+    assert verdicts.known_values == {-1}
 
 
 def test_r0_after_a_failed_tail_call_is_unknown() -> None:

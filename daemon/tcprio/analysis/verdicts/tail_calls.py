@@ -62,8 +62,22 @@ class TailCalls:
         slots = info.prog_array
         if isinstance(index, Consts):
             wanted = sorted({v & U32 for v in index.values})
+            empty = [s for s in wanted if s not in slots and s < info.max_entries]
+            if empty:
+                self._empty_slots(prog, pc, map_id, f"slot {empty[0]}")
             return [(slot, slots[slot]) for slot in wanted if slot in slots]
+        if len(slots) < info.max_entries:
+            self._empty_slots(prog, pc, map_id, "a slot the index may pick")
         return sorted(slots.items())
+
+    def _empty_slots(self, prog: int, pc: int, map_id: int, which: str) -> None:
+        """A slot that is empty now: the call fails today, but the program's owner can put a
+        program there at any moment (Cilium and Calico fill their policy slots after attaching),
+        and that program decides the verdict. Unknown, not transparent."""
+        self._unknown(
+            prog, pc, f"tail call at pc {pc}: {which} of map {map_id} is empty now; "
+            "a program put there later decides"
+        )  # fmt: skip
 
     def _enter_tail_call(
         self, ctx: Ctx, pc: int, map_id: int, slot: int, target: int, state: State
