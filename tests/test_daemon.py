@@ -39,7 +39,7 @@ listen_address: "127.0.0.1:{port}"
 proc_sweep_interval_seconds: 0.5
 tcx_poll_interval_seconds: 0.2
 debounce_seconds: 0.02
-resync_interval_seconds: 30
+resync_interval_seconds: {resync}
 namespaces:
   include: ["tcpriot-d*{pid}-*"]
 datadog:
@@ -102,17 +102,21 @@ def find(samples: Samples, name: str, **labels: str) -> list[float]:
     return [v for (n, ls), v in samples.items() if n == name and want <= ls]
 
 
-def write_config(path: Path, port: int, live_probe: str = "false", log_level: str = "info"):
+def write_config(
+    path: Path, port: int, live_probe: str = "false", log_level: str = "info", resync: int = 30
+):
     # only this test process's namespaces: another run on the machine must not leak in
-    text = CONFIG.format(port=port, live_probe=live_probe, log_level=log_level, pid=os.getpid())
+    text = CONFIG.format(
+        port=port, live_probe=live_probe, log_level=log_level, pid=os.getpid(), resync=resync
+    )
     path.write_text(text)
 
 
 @contextlib.contextmanager
-def daemon(tmp_path: Path) -> Iterator[RunningDaemon]:
+def daemon(tmp_path: Path, resync: int = 30) -> Iterator[RunningDaemon]:
     port = free_port()
     config = tmp_path / "tcprio.yaml"
-    write_config(config, port)
+    write_config(config, port, resync=resync)
     stderr = tmp_path / "daemon.log"
     with open(stderr, "w") as err:
         proc = subprocess.Popen(
@@ -350,3 +354,27 @@ def test_sigterm_stops_cleanly(running: RunningDaemon):
     assert running.proc.wait(timeout=HANG_GUARD_S) == 0
     assert '"msg": "stopped"' in running.log()
     assert "Traceback" not in running.log()
+
+
+def test_a_prog_array_slot_filled_later_is_seen_without_a_resync(tmp_path: Path):
+    """An empty tail-call slot makes a classifier unknown; filling it sends no netlink event,
+    and the daemon still shows the new verdict, from its poll of the prog arrays (the full
+    resync is an hour away: the full-scan counter shows none happened)."""
+    with ClassifierPrograms() as programs, daemon(tmp_path, resync=3600) as running:
+        programs.set_tail_call(0, None)  # its own prog array: the shared one stays intact
+        with netns("d-slot") as ns:
+            veth_in_one(ns, "s0", "s1")
+            add_clsact(ns, "s0")
+            attach_filter(ns, "s0", E, 5, "tail_entry", prog_fd=programs.fd("tail_entry"))
+            where = hook_labels(ns, "s0", E)
+            before = running.wait_for(
+                "tail_entry unknown while its slot is empty",
+                lambda s: find(s, "tcprio_classifier_info", **where, verdict_class="unknown"),
+            )
+            programs.set_tail_call(0, "term_shot")
+            after = running.wait_for(
+                "tail_entry terminal once its slot holds term_shot",
+                lambda s: find(s, "tcprio_classifier_info", **where, verdict_class="terminal"),
+            )
+    full = [find(s, "tcprio_scans_total", kind="full") for s in (before, after)]
+    assert full[0] == full[1], full
