@@ -23,9 +23,16 @@ from tcprio.model import Direction, Instruction, ProgramVerdicts, Severity, Verd
 from tests.bpf_asm import (
     R0,
     R1,
+    R2,
+    R3,
+    R4,
     R6,
     R10,
+    alu32_reg,
+    alu64_imm,
+    alu64_reg,
     assemble,
+    call_helper,
     exit_,
     ja,
     jmp_imm,
@@ -255,3 +262,49 @@ def test_it_hides_the_observer_on_real_traffic_and_tcprio_says_critical(
     assert [(c.interface, c.severity) for c in scan.result.conflicts] == [
         ("a0", Severity.CRITICAL)
     ]
+
+
+# --- helpers whose results the kernel bounds, and registers cleared by themselves ---------------
+
+BPF_FUNC_SKB_LOAD_BYTES = 26
+
+
+def _load_bytes_at(offset: int) -> tuple[Instruction, ...]:
+    """`return bpf_skb_load_bytes(skb, offset, buf, 4);`: 0 when the packet is long enough,
+    a negative errno (which continues the chain) when it is not."""
+    return assemble(
+        mov64_imm(R2, offset),
+        mov64_reg(R3, R10),
+        alu64_imm("add", R3, -8),
+        mov64_imm(R4, 4),
+        call_helper(BPF_FUNC_SKB_LOAD_BYTES),
+        exit_(),
+    )
+
+
+def test_a_returned_helper_result_that_may_be_0_is_terminal_and_the_kernel_returns_0() -> None:
+    fd = _load(_load_bytes_at(1000), "load_bytes_ret")
+    try:
+        verdicts = _analysed(fd)
+        assert verdicts.values is None  # the errno range is not listed...
+        assert verdicts.known_values == {0}  # ...but success is 0: TC_ACT_OK
+        verdict = semantics.classify_clsact_direct_action(verdicts.values, verdicts.known_values)
+        assert (verdict.verdict_class, verdict.terminal_actions) == (
+            VerdictClass.TERMINAL, ("TC_ACT_OK",)
+        )  # fmt: skip
+        short, long = ipv4_udp_packet(), ipv4_udp_packet(pad_to=1100)
+        assert bpf_syscalls.prog_test_run(fd, short) < 0  # -EFAULT: the chain goes on
+        assert bpf_syscalls.prog_test_run(fd, long) == semantics.TC_ACT_OK  # it ends here
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("op", ["xor", "sub"])
+@pytest.mark.parametrize("alu", [alu64_reg, alu32_reg])
+def test_a_register_cleared_by_itself_is_0(op: str, alu) -> None:
+    fd = _load(assemble(ldx(4, R0, R1, SKB_LEN), alu(op, R0, R0), exit_()), "self_cleared")
+    try:
+        assert _analysed(fd).values == {0}
+        assert bpf_syscalls.prog_test_run(fd, ipv4_udp_packet()) == 0
+    finally:
+        os.close(fd)

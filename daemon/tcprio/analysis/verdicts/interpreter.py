@@ -75,6 +75,7 @@ from tcprio.analysis.verdicts.opcodes import (
     OP_MOV,
     OP_NEG,
     OP_SUB,
+    OP_XOR,
     PSEUDO_CALL,
     PSEUDO_FUNC,
     PSEUDO_KFUNC_CALL,
@@ -119,6 +120,37 @@ READ_ONLY_HELPERS = frozenset(
     }
 )
 READ_ONLY_MAP_OPS = re.compile(r"^\w*_(lookup|update|delete|push)_elem$")
+# Helpers that return 0 on success and a negative errno otherwise: 0 is a value their result may
+# hold (a may-fact, see Unknown.also; the errno range is too wide to list, and continues in
+# direct-action mode). The verifier calls map types' own update/delete/push operations.
+ZERO_ON_SUCCESS_HELPERS = frozenset(
+    {
+        "bpf_skb_load_bytes",
+        "bpf_skb_load_bytes_relative",
+        "bpf_skb_store_bytes",
+        "bpf_l3_csum_replace",
+        "bpf_l4_csum_replace",
+        "bpf_skb_change_proto",
+        "bpf_skb_change_type",
+        "bpf_skb_change_tail",
+        "bpf_skb_change_head",
+        "bpf_skb_adjust_room",
+        "bpf_skb_vlan_push",
+        "bpf_skb_vlan_pop",
+        "bpf_skb_pull_data",
+        "bpf_skb_get_tunnel_key",
+        "bpf_skb_set_tunnel_key",
+        "bpf_skb_set_tunnel_opt",
+        "bpf_map_update_elem",
+        "bpf_map_delete_elem",
+        "bpf_map_push_elem",
+        "bpf_skb_event_output",
+        "bpf_ringbuf_output",
+    }
+)
+ZERO_ON_SUCCESS_MAP_OPS = re.compile(r"^\w*_(update|delete|push)_elem$")
+# bpf_fib_lookup (bpf_skb_fib_lookup in tc): BPF_FIB_LKUP_RET_SUCCESS (0) .. _FRAG_NEEDED (8).
+FIB_LOOKUP_RESULTS = frozenset(range(9))
 # How far below its r10 a frame's stack reaches: MAX_BPF_STACK (512), plus the slots the verifier
 # itself adds when it inlines bpf_loop or rewrites may_goto. The verifier refuses a store beyond
 # it; the analysis does too, so that garbage offsets cannot make the stack (and each state) huge.
@@ -334,6 +366,9 @@ class _Analysis(TailCalls):
         if off not in (0, 1) or (off == 1 and op not in (OP_DIV, OP_MOD)):
             regs[dst] = Unknown(f"is computed by an unsupported ALU encoding at pc {pc}")
             return None
+        if use_x and src == dst and op in (OP_XOR, OP_SUB):
+            regs[dst] = Consts(frozenset({0}))  # `r0 ^= r0`, `r0 -= r0`: 0 whatever r0 held
+            return None
         regs[dst] = self._binary(op, regs[dst], operand, 64 if is64 else 32, off == 1, pc)
         return None
 
@@ -539,7 +574,7 @@ class _Analysis(TailCalls):
             regs[0] = self._verdict_helper_result(name, regs, pc)
         else:
             what = f"{name}()" if name else f"an unidentified helper (call imm {imm})"
-            regs[0] = Unknown(f"is returned by {what} at pc {pc}")
+            regs[0] = Unknown(f"is returned by {what} at pc {pc}", also=_helper_may_return(name))
             if not _reads_its_arguments_only(name):
                 stack = self._clobber_arguments(regs, stack, pc)
         self._clobber_scratch(regs, pc)
@@ -749,6 +784,17 @@ def _reads_its_arguments_only(helper: str | None) -> bool:
     if helper in READ_ONLY_HELPERS:
         return True
     return "_and_" not in helper and READ_ONLY_MAP_OPS.match(helper) is not None
+
+
+def _helper_may_return(helper: str | None) -> frozenset[int]:
+    """Values a helper's result is known to take on some calls (never all it can take)."""
+    if helper is None:
+        return frozenset()
+    if helper in ZERO_ON_SUCCESS_HELPERS or ZERO_ON_SUCCESS_MAP_OPS.match(helper):
+        return frozenset({0})
+    if helper in ("bpf_skb_fib_lookup", "bpf_fib_lookup"):
+        return FIB_LOOKUP_RESULTS
+    return frozenset()
 
 
 def _return_values(r0: Value) -> frozenset[int] | None:
