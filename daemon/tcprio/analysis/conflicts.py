@@ -65,7 +65,10 @@ def execution_order(classifiers: Iterable[Classifier]) -> tuple[Classifier, ...]
 
 
 def _protocol_name(protocol: int) -> str:
-    names = {ETH_P_ALL: "all", 0x0800: "ip", 0x86DD: "ipv6", 0x0806: "arp", 0x8100: "802.1q"}
+    names = {
+        ETH_P_ALL: "all", 0x0800: "ip", 0x86DD: "ipv6", 0x0806: "arp", 0x8100: "802.1q",
+        0x88A8: "802.1ad",
+    }  # fmt: skip
     return names.get(protocol, f"0x{protocol:04x}")
 
 
@@ -134,7 +137,30 @@ def _tcx_finding(c: Classifier) -> _Finding | None:
     return None
 
 
+# Frames that carry the IPv4 / IPv6 packets Datadog's classifiers inspect: IPv4, IPv6 and VLAN
+# tags (802.1Q, 802.1ad) as the device sees them. A filter for any other protocol (ARP, LLDP,
+# MPLS...) is not run on those packets at all, so it cannot hide them.
+IP_CARRYING_PROTOCOLS = frozenset({ETH_P_ALL, 0x0800, 0x86DD, 0x8100, 0x88A8})
+
+
+def _other_traffic_finding(c: Classifier, pos: _Position) -> _Finding | None:
+    """A clsact filter limited to a protocol that carries no IP packets: at most info."""
+    if c.verdict.verdict_class is VerdictClass.TRANSPARENT:
+        return None
+    may = _terminal_text(c) if c.verdict.verdict_class is VerdictClass.TERMINAL else (
+        "may end the chain (its verdict could not be proven)"
+    )
+    return _Finding(
+        Severity.INFO,
+        f"{describe(c)} at priority {c.priority or 0}, before Datadog's priority {pos.priority}, "
+        f"{may}: it only sees {_protocol_name(c.protocol)} frames, so it hides only those from "
+        "Datadog's classifier, which inspects IPv4 and IPv6 packets; nothing to change",
+    )
+
+
 def _clsact_finding(c: Classifier, pos: _Position) -> _Finding | None:
+    if c.protocol not in IP_CARRYING_PROTOCOLS:
+        return _other_traffic_finding(c, pos)
     prio = c.priority or 0
     if c.verdict.verdict_class is VerdictClass.UNKNOWN:
         return _Finding(
