@@ -94,10 +94,42 @@ def test_recommendation_skips_priorities_taken_by_other_filters():
 
 
 def test_no_priority_left_is_said_plainly():
-    result = analyse([hook(clsact(2), clsact(1, TRANSPARENT, position=1))], DEFAULT)
-    assert severities(result) == [Severity.ERROR]
+    u32_at_1 = clsact(1, TERMINAL, position=1, kind="u32")  # the kernel refuses bpf beside it
+    result = analyse([hook(clsact(2), u32_at_1)], DEFAULT)
+    assert severities(result) == [Severity.CRITICAL, Severity.ERROR]
     assert result.recommended_priority is None
     assert result.recommendation_note.startswith("no classifier_priority fixes")
+
+
+def test_a_priority_shared_only_with_transparent_filters_is_recommended_with_its_risk():
+    result = analyse([hook(clsact(2), clsact(1, TRANSPARENT, position=1))], DEFAULT)
+    assert severities(result) == [Severity.ERROR]
+    assert result.recommended_priority == 1
+    note = result.recommendation_note
+    assert "shared only with transparent filters" in note and "deletes Datadog's" in note
+
+
+def test_a_free_priority_beats_one_shared_with_transparent_filters():
+    hooks = [hook(clsact(4), iface="a"), hook(clsact(3, TRANSPARENT), iface="b")]
+    result = analyse(hooks, DEFAULT)
+    assert result.recommended_priority == 2
+    assert "used by no other filter" in result.recommendation_note
+
+
+def test_a_shared_priority_is_not_taken_when_one_holder_is_terminal_or_another_protocol():
+    arp = clsact(1, TRANSPARENT, position=1, protocol=0x0806)
+    result = analyse([hook(clsact(2), arp)], DEFAULT)
+    assert result.recommended_priority is None
+
+
+def test_the_recommendation_stays_below_filters_datadog_meets_once_it_re_attaches():
+    """Hook a: Datadog still at an older priority 2, before a terminal filter at 5; once it
+    re-attaches at the recommended priority, that filter must still come after it."""
+    a = hook(datadog(2), clsact(5, position=1), iface="a")
+    b = hook(clsact(8), iface="b")
+    result = analyse([a, b], DEFAULT)
+    assert [(c.interface, c.severity) for c in result.conflicts] == [("b", Severity.ERROR)]
+    assert result.recommended_priority == 4
 
 
 def test_terminal_after_datadog_is_listed_not_a_conflict():

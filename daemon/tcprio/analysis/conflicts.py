@@ -253,14 +253,38 @@ def _position_notes(pos: _Position, target: DatadogTarget) -> tuple[str, ...]:
     return ()
 
 
-def analyse_hook(hook: HookClassifiers, target: DatadogTarget) -> tuple[HookReport, list[int]]:
-    """The hook's report, and the priorities below which Datadog would escape its blockers."""
+def _latent_limits(
+    ordered: Sequence[Classifier], pos: _Position, target: DatadogTarget
+) -> list[int]:
+    """Datadog's classifier still sits at an older, lower priority here: terminal filters it
+    runs before today, but that will run before it once it re-attaches at the configured one.
+    A recommendation must stay below them too, or it creates a conflict on this hook."""
+    if not pos.attached or pos.priority >= target.priority:
+        return []
+    return [
+        c.priority
+        for c in ordered
+        if c.hook is HookKind.CLSACT
+        and c.chain == 0
+        and not c.is_datadog
+        and c.priority is not None
+        and pos.priority < c.priority <= target.priority
+        and c.protocol in IP_CARRYING_PROTOCOLS
+        and c.verdict.verdict_class is VerdictClass.TERMINAL
+    ]
+
+
+def analyse_hook(
+    hook: HookClassifiers, target: DatadogTarget
+) -> tuple[HookReport, list[int], list[int]]:
+    """The hook's report, the priorities below which Datadog would escape its blockers, and
+    those a recommendation must also stay below (see _latent_limits)."""
     ordered = execution_order(hook.classifiers)
     pos = _datadog_position(ordered, target)
     report = HookReport(hook.namespace, hook.interface, hook.direction, ordered)
     if not _protected(hook, ordered, target):
         note = f"Datadog attaches no {hook.direction} classifier here (not enabled)"
-        return replace(report, notes=(note,)), []
+        return replace(report, notes=(note,)), [], []
     found: list[tuple[Classifier, _Finding]] = []
     for index, c in enumerate(ordered):
         if not _runs_before(c, index, pos):
@@ -272,46 +296,86 @@ def analyse_hook(hook: HookClassifiers, target: DatadogTarget) -> tuple[HookRepo
         found.extend(_same_priority_findings(ordered, pos))
     conflicts = tuple(_conflict(hook, c, f, pos) for c, f in found)
     limits = [f.fixable_below for _, f in found if f.fixable_below is not None]
-    return replace(report, conflicts=conflicts, notes=_position_notes(pos, target)), limits
+    notes = _position_notes(pos, target)
+    return replace(report, conflicts=conflicts, notes=notes), limits, _latent_limits(
+        ordered, pos, target
+    )
 
 
-def _taken_priorities(reports: Iterable[HookReport]) -> set[int]:
-    taken = set()
+def _taken_priorities(reports: Iterable[HookReport]) -> dict[int, list[Classifier]]:
+    """Priority -> the other filters that hold it on some hook (chain 0)."""
+    taken: dict[int, list[Classifier]] = {}
     for report in reports:
         for c in report.classifiers:
             if c.hook is HookKind.CLSACT and c.chain == 0 and not c.is_datadog and c.priority:
-                taken.add(c.priority)
+                taken.setdefault(c.priority, []).append(c)
     return taken
 
 
-def recommend_priority(limits: Sequence[int], reports: Sequence[HookReport]) -> int | None:
+def _shareable(c: Classifier) -> bool:
+    """Datadog's filter can share a priority with this one and still see every packet: the
+    kernel accepts a second bpf filter of protocol all there, and this one lets packets on."""
+    return (
+        c.kind == "bpf"
+        and c.protocol == ETH_P_ALL
+        and c.verdict.verdict_class is VerdictClass.TRANSPARENT
+    )
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    priority: int | None
+    shared_with: tuple[Classifier, ...] = ()  # transparent filters already at that priority
+
+
+def recommend_priority(
+    limits: Sequence[int], reports: Sequence[HookReport], latent: Sequence[int] = ()
+) -> Recommendation:
     """The one classifier_priority that fixes every fixable conflict of the node at once.
 
-    Strictly lower than the lowest blocking priority, and on a priority no hook already uses
-    (a taken priority either refuses Datadog's filter or races with the vendor's re-adds).
+    Strictly lower than the lowest blocking priority (and than the terminal filters Datadog
+    will meet once it re-attaches at the configured priority). Best on a priority no hook
+    uses; else on one held only by transparent bpf filters of protocol all (it works, with a
+    risk to say); never on one held by anything else (the kernel refuses Datadog's filter there,
+    or races it with the vendor's re-adds).
     """
     if not limits:
-        return None
+        return Recommendation(None)
     taken = _taken_priorities(reports)
-    candidate = min(limits) - 1
-    while candidate >= 1 and candidate in taken:
-        candidate -= 1
-    return candidate if candidate >= 1 else None
+    shared: Recommendation | None = None
+    for candidate in range(min([*limits, *latent]) - 1, 0, -1):
+        holders = taken.get(candidate)
+        if not holders:
+            return Recommendation(candidate)
+        if shared is None and all(_shareable(c) for c in holders):
+            shared = Recommendation(candidate, tuple(holders))
+    return shared or Recommendation(None)
 
 
-def _recommendation_note(limits: Sequence[int], recommended: int | None) -> str:
+def _recommendation_note(limits: Sequence[int], recommended: Recommendation) -> str:
     if not limits:
         return ""
-    if recommended is None:
+    if recommended.priority is None:
         return (
             f"no classifier_priority fixes every conflict: the lowest blocking priority is "
-            f"{min(limits)} and every priority below it is taken or impossible"
+            f"{min(limits)} and every priority below it is held by a filter Datadog's cannot "
+            "share it with"
         )
-    note = (
-        f"set classifier_priority to {recommended}: strictly below the lowest blocking "
-        f"priority ({min(limits)}) on this node, and used by no other filter"
-    )
-    if recommended == 1:
+    if recommended.shared_with:
+        names = ", ".join(sorted({describe(c) for c in recommended.shared_with}))
+        note = (
+            f"set classifier_priority to {recommended.priority}: strictly below the lowest "
+            f"blocking priority ({min(limits)}) on this node; no priority there is free, and "
+            f"this one is shared only with transparent filters ({names}), so Datadog's "
+            "classifier still sees every packet; risk: a vendor that deletes its filter by "
+            "priority also deletes Datadog's"
+        )
+    else:
+        note = (
+            f"set classifier_priority to {recommended.priority}: strictly below the lowest "
+            f"blocking priority ({min(limits)}) on this node, and used by no other filter"
+        )
+    if recommended.priority == 1:
         note += (
             "; priority 1 is where CNIs such as Cilium <= 1.9 replace 'prio 1 handle 1' "
             "(the race behind Datadog moving its default to 10 in 7.39.2): check the CNI first"
@@ -339,14 +403,19 @@ def _downgrade(conflict: Conflict) -> Conflict:
 def analyse(hooks: Iterable[HookClassifiers], target: DatadogTarget) -> ScanResult:
     reports: list[HookReport] = []
     limits: list[int] = []
+    latent: list[int] = []
     for hook in hooks:
-        report, hook_limits = analyse_hook(hook, target)
+        report, hook_limits, hook_latent = analyse_hook(hook, target)
         reports.append(report)
         limits.extend(hook_limits)
-    recommended = recommend_priority(limits, reports) if target.enabled else None
+        latent.extend(hook_latent)
+    recommendation = recommend_priority(limits, reports, latent)
+    recommended = recommendation.priority if target.enabled else None
     result = ScanResult(
         recommended_priority=recommended,
-        recommendation_note=_recommendation_note(limits, recommended) if target.enabled else "",
+        recommendation_note=(
+            _recommendation_note(limits, recommendation) if target.enabled else ""
+        ),
     )
     for report in reports:
         conflicts = tuple(
