@@ -70,6 +70,9 @@ class TcFilter:
     tag: str | None = None  # cls_bpf program tag, 16 hex digits
     classid: int | None = None
     actions: tuple[str, ...] = ()  # kinds of the attached actions, in order ("mirred", ...)
+    # cls_bpf with classic BPF (`tc filter ... bpf bytecode`): its instructions, as the kernel
+    # dumps them (code, jt, jf, k); such a filter has no program id.
+    classic_ops: tuple[tuple[int, int, int, int], ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tcprio.analysis import semantics, vendors
+from tcprio.analysis.classic_bpf import analyse_classic
 from tcprio.analysis.conflicts import DatadogTarget, HookClassifiers, analyse
 from tcprio.analysis.remedies import attach_remedies, incompatibility_notes
 from tcprio.analysis.verdicts import AnalysisLimits, analyse_program
@@ -152,6 +153,8 @@ def filter_verdict(
 ) -> ClassifierVerdict:
     if f.kind != "bpf":
         return semantics.classify_non_bpf_filter(f.kind, f.actions)
+    if f.classic_ops is not None:
+        return _classic_verdict(f)
     analysed = _program_verdicts(f.prog_id, verdicts, catalogue)
     if isinstance(analysed, str):
         return _unknown(analysed)
@@ -159,6 +162,16 @@ def filter_verdict(
     if f.direct_action:
         return semantics.classify_clsact_direct_action(values, partial)
     return semantics.classify_clsact_classid(values, f.actions, partial)
+
+
+def _classic_verdict(f: TcFilter) -> ClassifierVerdict:
+    """Classic bytecode runs in class-id mode: 0 is no match, anything else ends the chain."""
+    returns = analyse_classic(f.classic_ops or ())
+    values = returns.values if returns.complete else None
+    verdict = semantics.classify_clsact_classid(values, f.actions, returns.values)
+    if verdict.verdict_class is VerdictClass.UNKNOWN and returns.unknown:
+        return _unknown("classic BPF: " + "; ".join(returns.unknown))
+    return replace(verdict, reason="classic BPF: " + verdict.reason)
 
 
 def tcx_verdict(

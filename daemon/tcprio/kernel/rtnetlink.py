@@ -29,6 +29,8 @@ IFLA_IFNAME, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 18, 1
 IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS = 29, 1 << 3
 TCA_KIND, TCA_OPTIONS, TCA_CHAIN = 1, 2, 11
 TCA_BPF_CLASSID, TCA_BPF_NAME, TCA_BPF_FLAGS, TCA_BPF_TAG, TCA_BPF_ID = 3, 7, 8, 10, 11
+TCA_BPF_OPS = 5  # classic BPF: struct sock_filter[] (u16 code, u8 jt, u8 jf, u32 k)
+_SOCK_FILTER = struct.Struct("=HBBI")
 TCA_BPF_ACT = 1
 TCA_U32_DIVISOR = 4
 TCA_ACT_KIND = 1
@@ -284,3 +286,10 @@ def action_kinds(options: dict[int, memoryview], kind: str) -> tuple[str, ...]:
 def classid(options: dict[int, memoryview], kind: str) -> int | None:
     attr = KIND_ATTRS.get(kind, (None, None))[0]
     return as_u32(options.get(attr)) if attr is not None else None
+
+
+def classic_ops(value: memoryview | None) -> tuple[tuple[int, int, int, int], ...] | None:
+    """The instructions of a classic BPF filter (TCA_BPF_OPS), None when there are none."""
+    if value is None or len(value) % _SOCK_FILTER.size:
+        return None
+    return tuple(_SOCK_FILTER.iter_unpack(value))

@@ -64,6 +64,7 @@ def filter_from_message(msg: FilterMessage, position: int) -> TcFilter | None:
         name=rtnetlink.as_str(options.get(rtnetlink.TCA_BPF_NAME)),
         prog_id=rtnetlink.as_u32(options.get(rtnetlink.TCA_BPF_ID)),
         tag=bytes(tag).hex() if tag is not None else None,
+        classic_ops=rtnetlink.classic_ops(options.get(rtnetlink.TCA_BPF_OPS)),
     )
 
 
