@@ -69,6 +69,7 @@ HELPERS = {
     1: "bpf_map_lookup_elem",
     70: "htab_map_lookup_elem",
     71: "htab_map_lookup_and_delete_elem",
+    181: "bpf_loop",
 }
 REDIRECT, REDIRECT_PEER, REDIRECT_NEIGH, LOAD_BYTES, LOOKUP = 23, 155, 152, 26, 1
 PROG_ARRAY = 3
@@ -393,6 +394,28 @@ def test_stack_slot_unknown_when_not_written_or_overwritten_by_a_helper() -> Non
         )
     )
     assert_unknown(verdicts, "may be written by the call")
+
+
+@pytest.mark.parametrize("helper", [LOAD_BYTES, 181])
+def test_a_slot_below_the_pointer_survives_a_helper_but_not_a_callback(helper: int) -> None:
+    """bpf_skb_load_bytes writes at and above the pointer it gets; bpf_loop's callback gets
+    the pointer as its ctx and may write anywhere in the caller's frame, below it too (the
+    verifier lets it: it is a pointer into that frame)."""
+    verdicts = analyse(
+        program(
+            1,
+            st_imm(8, R10, -16, -1),  # a verdict below the pointer: TC_ACT_UNSPEC
+            mov64_reg(R3, R10),
+            alu64_imm("add", R3, -8),  # the pointer the call gets: fp-8
+            call_helper(helper),
+            ldx(8, R0, R10, -16),
+            exit_(),
+        )
+    )
+    if helper == LOAD_BYTES:
+        assert verdicts.values == {-1}
+    else:
+        assert_unknown(verdicts, "may be written by the call")
 
 
 @pytest.mark.parametrize(

@@ -148,6 +148,11 @@ ZERO_ON_SUCCESS_HELPERS = frozenset(
         "bpf_ringbuf_output",
     }
 )
+# Helpers that run a callback of the program with a pointer the caller gave (bpf_loop's ctx...):
+# the callback's code may write anywhere in the caller's frame through it, below it too.
+CALLBACK_HELPERS = frozenset(
+    {"bpf_loop", "bpf_for_each_map_elem", "bpf_user_ringbuf_drain", "bpf_find_vma"}
+)
 ZERO_ON_SUCCESS_MAP_OPS = re.compile(r"^\w*_(update|delete|push)_elem$")
 # bpf_fib_lookup (bpf_skb_fib_lookup in tc): BPF_FIB_LKUP_RET_SUCCESS (0) .. _FRAG_NEEDED (8).
 FIB_LOOKUP_RESULTS = frozenset(range(9))
@@ -576,7 +581,8 @@ class _Analysis(TailCalls):
             what = f"{name}()" if name else f"an unidentified helper (call imm {imm})"
             regs[0] = Unknown(f"is returned by {what} at pc {pc}", also=_helper_may_return(name))
             if not _reads_its_arguments_only(name):
-                stack = self._clobber_arguments(regs, stack, pc)
+                whole = name in CALLBACK_HELPERS or name is None
+                stack = self._clobber_arguments(regs, stack, pc, whole)
         self._clobber_scratch(regs, pc)
         return None, stack
 
@@ -599,10 +605,11 @@ class _Analysis(TailCalls):
 
     @staticmethod
     def _clobber_arguments(
-        regs: list[Value], stack: dict[SlotKey, tuple[Piece, ...]], pc: int
+        regs: list[Value], stack: dict[SlotKey, tuple[Piece, ...]], pc: int, whole: bool = False
     ) -> dict[SlotKey, tuple[Piece, ...]]:
-        """A helper (or a callback it runs) may write through any stack pointer it is given, and
-        through the stack pointers stored where those point."""
+        """A helper may write through any stack pointer it is given, at and above it, and
+        through the stack pointers stored where those point. A callback it runs (`whole`) may
+        also write below it: anywhere in the frame the pointer points into."""
         reason = f"may be written by the call at pc {pc}"
         pending: list[tuple[int, int]] = []
         for reg in range(1, 6):
@@ -618,6 +625,7 @@ class _Analysis(TailCalls):
                 continue
             done.add(region)
             frame, lo = region
+            lo = -(1 << 62) if whole else lo
             for key, pieces in stack.items():
                 if key[0] != frame or key[1] + 8 <= lo:
                     continue
