@@ -52,6 +52,7 @@ from tcprio.service import sd_notify
 from tcprio.service.config import ConfigError, DaemonConfig, load_config, with_overrides
 from tcprio.service.endpoint import Endpoint
 from tcprio.service.metrics import MetricsRenderer
+from tcprio.service.prog_arrays import ProgArrayWatch
 from tcprio.service.snapshot import Counters, LiveKey, ProbeState, Snapshot
 from tcprio.service.watch import NamespaceWatch, NetnsFolderWatch, ProcessExitWatch, TcEvent
 
@@ -62,8 +63,6 @@ STALL_AFTER_S = 30.0
 ANALYSIS_SECONDS_PER_PROGRAM = 2.0
 TCX_RECHECK_S = 1.0  # a tcx link change: hooks read again until they show it, this long
 SETTLE_STEPS_S = (0.05, 0.2, 1.0)  # extra sweeps after a netns folder event
-# Prog-array slots read a poll (one syscall each, ~1.5 us): larger sets are read in turns.
-PROG_ARRAY_POLL_SLOTS = 1 << 16
 SETTLE_WINDOW_S = 5.0  # for at most this long after the folder changed
 DIRECTION_BY_PARENT = {0xFFFFFFF2: "ingress", 0xFFFFFFF3: "egress", 0xFFFF0000: "ingress"}
 TCX_PARENT = {bpf_syscalls.BPF_TCX_INGRESS: 0xFFFFFFF2, bpf_syscalls.BPF_TCX_EGRESS: 0xFFFFFFF3}
@@ -167,9 +166,7 @@ class Daemon:
         # link id -> (ifindex, parent, until): hooks to check again against the link list
         self.tcx_rechecks: dict[int, tuple[int, int, float]] = {}
         self.run_history: list[tuple[float, dict[int, RunStats]]] = []
-        # prog arrays the published verdicts went through: map id -> (max_entries, slots)
-        self.prog_arrays: dict[int, tuple[int, tuple[tuple[int, int], ...]]] = {}
-        self.prog_array_cursor = 0
+        self.prog_arrays = ProgArrayWatch()
         self.probe = ProbeState(False, "none", "live probe not started")
         self.stats_fd: int | None = None
         self.live_probe = None  # a tcprio.live_probe.LiveProbe when the kernel lets it attach
@@ -592,11 +589,7 @@ class Daemon:
 
     def _publish(self, node, seconds: float) -> None:
         prev = self.snapshot
-        self.prog_arrays = {
-            m.id: (m.max_entries, tuple(sorted(m.prog_array.items())))
-            for m in node.catalogue.maps.values()
-            if m.prog_array is not None
-        }
+        self.prog_arrays.published(node.catalogue.maps.values())
         self.snapshot = Snapshot(
             ready=True,
             taken_at=time.time(),
@@ -631,33 +624,11 @@ class Daemon:
             self._mark_tcx_hooks(changed)
         self._mark_tcx_shown_but_gone(links)
         self._recheck_tcx(changed)
-        if self._prog_arrays_changed():
+        changed = self.prog_arrays.changed()
+        if changed is not None:
+            self.log("debug", "prog array changed", map_id=changed)
             self.flush()  # same inventories; the catalogue reads the prog arrays afresh
         self._refresh_run_stats()
-
-    def _prog_arrays_changed(self) -> bool:
-        """Whether a prog array the published verdicts went through holds other programs now.
-
-        Filling or emptying a slot sends no netlink event (Cilium and Calico fill policy
-        slots after attaching; an empty slot made a verdict unknown). At most
-        PROG_ARRAY_POLL_SLOTS slots are read a poll, the arrays taken in turn."""
-        ids = sorted(self.prog_arrays)
-        budget = PROG_ARRAY_POLL_SLOTS
-        for n in range(len(ids)):
-            map_id = ids[(self.prog_array_cursor + n) % len(ids)]
-            max_entries, slots = self.prog_arrays[map_id]
-            if n and max_entries > budget:
-                self.prog_array_cursor = (self.prog_array_cursor + n) % len(ids)
-                return False
-            budget -= max_entries
-            try:
-                now = bpf_syscalls.map_info(map_id).prog_array or {}
-            except OSError:
-                return True  # the array is gone: its programs were unloaded
-            if tuple(sorted(now.items())) != slots:
-                self.log("debug", "prog array changed", map_id=map_id)
-                return True
-        return False
 
     def _mark_tcx_shown_but_gone(self, links: frozenset[int]) -> None:
         """A link attached and closed between two polls never shows in the list's diff: read
