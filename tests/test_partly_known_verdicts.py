@@ -33,6 +33,7 @@ from tests.bpf_asm import (
     alu64_reg,
     assemble,
     call_helper,
+    call_kfunc,
     exit_,
     ja,
     jmp_imm,
@@ -306,5 +307,37 @@ def test_a_register_cleared_by_itself_is_0(op: str, alu) -> None:
     try:
         assert _analysed(fd).values == {0}
         assert bpf_syscalls.prog_test_run(fd, ipv4_udp_packet()) == 0
+    finally:
+        os.close(fd)
+
+
+# --- kfuncs that leave the program ---------------------------------------------------------------
+
+
+def test_bpf_throw_ends_the_program_with_its_cookie_and_tcprio_sees_it_may() -> None:
+    """`bpf_throw(2); return TC_ACT_UNSPEC;`: the kernel returns the cookie, 2 (TC_ACT_SHOT);
+    the code after the call never runs. Before, tcprio followed it and said transparent."""
+    from pathlib import Path
+
+    from tcprio.kernel.btf import KIND_FUNC, Btf, BtfLookupError
+
+    vmlinux = Btf(Path("/sys/kernel/btf/vmlinux").read_bytes())
+    try:
+        throw = vmlinux.find(KIND_FUNC, "bpf_throw")
+    except BtfLookupError:
+        pytest.skip("this kernel's BTF has no bpf_throw (kernels before 6.7)")
+    insns = assemble(
+        mov64_imm(R1, semantics.TC_ACT_SHOT),
+        call_kfunc(throw),
+        mov64_imm(R0, semantics.TC_ACT_UNSPEC),
+        exit_(),
+    )
+    fd = _load(insns, "throw_shot")
+    try:
+        assert bpf_syscalls.prog_test_run(fd, ipv4_udp_packet()) == semantics.TC_ACT_SHOT
+        verdicts = _analysed(fd)
+        verdict = semantics.classify_clsact_direct_action(verdicts.values, verdicts.known_values)
+        assert verdict.verdict_class is VerdictClass.TERMINAL, explain(verdicts)
+        assert verdict.terminal_actions == ("TC_ACT_SHOT",)
     finally:
         os.close(fd)

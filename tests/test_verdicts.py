@@ -70,6 +70,7 @@ HELPERS = {
     70: "htab_map_lookup_elem",
     71: "htab_map_lookup_and_delete_elem",
     181: "bpf_loop",
+    200: "bpf_dynptr_from_skb",  # a kfunc: the xlated call's imm names it like a helper's
 }
 REDIRECT, REDIRECT_PEER, REDIRECT_NEIGH, LOAD_BYTES, LOOKUP = 23, 155, 152, 26, 1
 PROG_ARRAY = 3
@@ -546,8 +547,15 @@ def test_unknown_helper_result_is_unknown() -> None:
 
 
 def test_kfunc_call_result_is_unknown() -> None:
-    assert_unknown(analyse(program(1, call_kfunc(5), exit_())), "kfunc")
-    assert values_of(mov64_imm(R6, 3), call_kfunc(5), mov64_reg(R0, R6), exit_()) == {3}
+    assert_unknown(analyse(program(1, call_kfunc(200), exit_())), "kfunc")
+    assert values_of(mov64_imm(R6, 3), call_kfunc(200), mov64_reg(R0, R6), exit_()) == {3}
+
+
+def test_a_kfunc_tcprio_cannot_name_may_end_the_program() -> None:
+    """bpf_throw leaves the program with a value of its own: an unnamed kfunc might be it."""
+    verdicts = analyse(program(1, mov64_imm(R6, 3), call_kfunc(5), mov64_reg(R0, R6), exit_()))
+    assert_unknown(verdicts, "cannot name may end the program")
+    assert verdicts.known_values == {3}
 
 
 def test_load_from_packet_is_unknown() -> None:

@@ -582,7 +582,7 @@ class _Analysis(TailCalls):
             elif src == 0:
                 self._tail_call(ctx, pc, state)
             elif src == PSEUDO_KFUNC_CALL:
-                self._kfunc_call(ctx, pc, state)
+                self._kfunc_call(ctx, pc, state, insn[4])
             else:
                 self._unknown(prog, pc, f"unknown kind of call (src {src}) at pc {pc}")
         elif op == J_JA or (cls == JMP and op == J_JCOND):
@@ -664,7 +664,23 @@ class _Analysis(TailCalls):
         callee = State(tuple(regs), stack, (*state.frames, state.regs[6:11]))
         self._propagate(((*callers, (prog, entry, pc)), prog, target), target, callee, (prog, pc))
 
-    def _kfunc_call(self, ctx: Ctx, pc: int, state: State) -> None:
+    def _kfunc_call(self, ctx: Ctx, pc: int, state: State, imm: int) -> None:
+        prog = ctx[1]
+        name = self.helper_names.get(imm)
+        name = name.split(".", 1)[0] if name else None
+        if name == "bpf_throw":
+            # The program ends here, from any frame, with what its exception callback returns:
+            # the cookie (r1) for the default callback, anything for a custom one.
+            cookie = state.regs[1]
+            also = cookie.values if isinstance(cookie, Consts) else frozenset()
+            reason = f"is bpf_throw's cookie at pc {pc}, or what an exception callback returns"
+            self._exit(prog, pc, Unknown(reason, also=also))
+            return
+        if name is None:
+            self._unknown(
+                prog, pc, f"a kfunc at pc {pc} that tcprio cannot name may end the program "
+                "with a value of its own (as bpf_throw does)"
+            )  # fmt: skip
         regs = list(state.regs)
         stack = self._clobber_arguments(regs, state.stack, pc)
         regs[0] = Unknown(f"is returned by a kernel function (kfunc) at pc {pc}")
