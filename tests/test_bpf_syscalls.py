@@ -399,3 +399,24 @@ def test_helper_symbols_hidden_addresses(tmp_path: Path) -> None:
     kallsyms = tmp_path / "kallsyms"
     kallsyms.write_text("0000000000000000 T __bpf_call_base\n0000000000000000 t bpf_redirect\n")
     assert bpf_syscalls.load_helper_symbols(str(kallsyms)) == {}
+
+
+def test_a_huge_prog_array_is_read_only_up_to_the_limit(classifier_programs) -> None:
+    """A prog array can have millions of slots (one syscall each to read): the read stops at
+    PROG_ARRAY_READ_LIMIT and says so; a program put beyond it is not seen, and a tail call
+    that may reach there makes the verdict unknown (tests/test_verdicts.py)."""
+    from tcprio.kernel.bpf_syscalls.objects import PROG_ARRAY_READ_LIMIT
+
+    slots = 4 * PROG_ARRAY_READ_LIMIT
+    fd = bpf_syscalls.prog_array_create(slots)
+    try:
+        bpf_syscalls.prog_array_set(fd, 3, classifier_programs.fd("term_ok"))
+        bpf_syscalls.prog_array_set(fd, slots - 1, classifier_programs.fd("term_shot"))
+        info = bpf_syscalls.map_info_from_fd(fd)
+        assert info.max_entries == slots
+        assert info.prog_array_read == PROG_ARRAY_READ_LIMIT
+        assert info.prog_array == {3: classifier_programs.prog_id("term_ok")}
+        small = bpf_syscalls.map_info_from_fd(fd, read_limit=slots)
+        assert small.prog_array_read is None and len(small.prog_array) == 2
+    finally:
+        os.close(fd)

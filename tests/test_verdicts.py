@@ -726,6 +726,21 @@ def test_tail_call_with_an_unknown_slot_and_empty_slots_is_unknown_but_keeps_wha
     assert {e.prog_id for e in verdicts.exits} == {1, 12, 13}
 
 
+def test_a_tail_call_that_may_reach_unread_slots_of_a_huge_array_is_unknown() -> None:
+    huge = MapInfo(4, PROG_ARRAY, "prog_array", "jmp4", 4, 4, 1 << 24, {0: 12}, 1 << 18)
+    verdicts = analyse(
+        program(1, ldx(4, R3, R1, 0), ld_map(R2, 4), tail_call(), ret(-1)),
+        program(12, ret(-1)),
+        maps={4: huge},
+    )
+    assert_unknown(verdicts, "only the first 262144 were read")
+    # a constant slot among those read is followed as usual
+    verdicts = analyse(
+        program(1, tail_call_to(4, 0), ret(-1)), program(12, ret(2)), maps={4: huge}
+    )
+    assert verdicts.values == {-1, 2}
+
+
 def test_tail_call_to_an_empty_slot_is_unknown_not_transparent() -> None:
     """The call fails today, but the slot's owner can fill it at any moment: unknown."""
     verdicts = analyse(

@@ -153,6 +153,7 @@ class MapInfo:
     value_size: int
     max_entries: int
     prog_array: dict[int, int] | None = None  # slot index -> program id, for prog arrays
+    prog_array_read: int | None = None  # slots read, when not all were (a huge prog array)
 
 
 # --- verdict analysis ------------------------------------------------------------------------

@@ -24,17 +24,18 @@ class ProgArrayWatch:
         self.cursor = 0
 
     def published(self, maps: Iterable[MapInfo]) -> None:
-        """The prog arrays of the analysis just published, as they were read for it."""
+        """The prog arrays of the analysis just published, as they were read for it. Arrays
+        larger than a poll's budget are left to the periodic resync."""
         self.arrays = {
             m.id: (m.max_entries, tuple(sorted(m.prog_array.items())))
             for m in maps
-            if m.prog_array is not None
+            if m.prog_array is not None and m.max_entries <= self.budget
         }
 
     def changed(self) -> int | None:
         """The id of a prog array that holds other programs now (or is gone), else None.
 
-        At most `budget` slots are read a poll (the first array always), the arrays in turn."""
+        At most `budget` slots are read a poll, the arrays in turn."""
         ids = sorted(self.arrays)
         budget = self.budget
         for n in range(len(ids)):

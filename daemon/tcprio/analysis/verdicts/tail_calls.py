@@ -60,15 +60,27 @@ class TailCalls:
             self._unknown(prog, pc, f"tail call at pc {pc}: map {map_id} {why}")
             return []
         slots = info.prog_array
+        read = info.max_entries if info.prog_array_read is None else info.prog_array_read
         if isinstance(index, Consts):
             wanted = sorted({v & U32 for v in index.values})
+            if any(read <= s < info.max_entries for s in wanted):
+                self._unread_slots(prog, pc, map_id, info)
             empty = [s for s in wanted if s not in slots and s < info.max_entries]
             if empty:
                 self._empty_slots(prog, pc, map_id, f"slot {empty[0]}")
             return [(slot, slots[slot]) for slot in wanted if slot in slots]
-        if len(slots) < info.max_entries:
+        if read < info.max_entries:
+            self._unread_slots(prog, pc, map_id, info)
+        elif len(slots) < info.max_entries:
             self._empty_slots(prog, pc, map_id, "a slot the index may pick")
         return sorted(slots.items())
+
+    def _unread_slots(self, prog: int, pc: int, map_id: int, info: MapInfo) -> None:
+        """A huge prog array is read only so far (a bound on the scan's work)."""
+        self._unknown(
+            prog, pc, f"tail call at pc {pc}: map {map_id} has {info.max_entries} slots and "
+            f"only the first {info.prog_array_read} were read"
+        )  # fmt: skip
 
     def _empty_slots(self, prog: int, pc: int, map_id: int, which: str) -> None:
         """A slot that is empty now: the call fails today, but the program's owner can put a

@@ -341,12 +341,20 @@ def _prog_array_slots(map_fd: int, max_entries: int) -> dict[int, int]:
     return slots
 
 
-def map_info_from_fd(fd: int) -> MapInfo:
+# Prog-array slots read at most (one syscall each: about 0.4 s): a prog array can have
+# millions. The slots beyond are reported as not read, and a tail call that may reach them
+# makes the verdict unknown.
+PROG_ARRAY_READ_LIMIT = 1 << 18
+
+
+def map_info_from_fd(fd: int, read_limit: int = PROG_ARRAY_READ_LIMIT) -> MapInfo:
     info = MapInfoStruct()
     obj_info(fd, info)
     prog_array = None
+    read = None
     if info.type == BPF_MAP_TYPE_PROG_ARRAY:
-        prog_array = _prog_array_slots(fd, info.max_entries)
+        read = min(info.max_entries, read_limit)
+        prog_array = _prog_array_slots(fd, read)
     return MapInfo(
         id=info.id,
         type=info.type,
@@ -356,6 +364,7 @@ def map_info_from_fd(fd: int) -> MapInfo:
         value_size=info.value_size,
         max_entries=info.max_entries,
         prog_array=prog_array,
+        prog_array_read=read if read is not None and read < info.max_entries else None,
     )
 
 
