@@ -69,35 +69,28 @@ def _two_exits() -> tuple[Instruction, ...]:
     )
 
 
+# r0 = skb->len, or TC_ACT_SHOT when it is over BIG, joined at label "out": the way clang
+# funnels both returns into one exit.
+FUNNELLED = [
+    mov64_reg(R6, R1),
+    ldx(4, R0, R6, SKB_LEN),
+    jmp_imm("jgt", R0, BIG, "drop"),
+    ja("out"),
+    label("drop"),
+    mov64_imm(R0, semantics.TC_ACT_SHOT),
+    label("out"),
+]
+
+
 def _one_exit() -> tuple[Instruction, ...]:
-    """The same, funnelled into one exit the way clang compiles it: r0 there is the join of
-    TC_ACT_SHOT and an unknown length."""
-    return assemble(
-        mov64_reg(R6, R1),
-        ldx(4, R0, R6, SKB_LEN),
-        jmp_imm("jgt", R0, BIG, "drop"),
-        ja("out"),
-        label("drop"),
-        mov64_imm(R0, semantics.TC_ACT_SHOT),
-        label("out"),
-        exit_(),
-    )
+    """The same, funnelled into one exit: r0 there is the join of TC_ACT_SHOT and an unknown
+    length."""
+    return assemble(FUNNELLED, exit_())
 
 
 def _one_exit_through_a_4_byte_spill() -> tuple[Instruction, ...]:
     """Funnelled, then spilled to the stack as 4 bytes and reloaded before the exit."""
-    return assemble(
-        mov64_reg(R6, R1),
-        ldx(4, R0, R6, SKB_LEN),
-        jmp_imm("jgt", R0, BIG, "drop"),
-        ja("out"),
-        label("drop"),
-        mov64_imm(R0, semantics.TC_ACT_SHOT),
-        label("out"),
-        stx(4, R10, R0, -4),
-        ldx(4, R0, R10, -4),
-        exit_(),
-    )
+    return assemble(FUNNELLED, stx(4, R10, R0, -4), ldx(4, R0, R10, -4), exit_())
 
 
 SHAPES = {
@@ -178,13 +171,7 @@ def test_a_branch_that_rules_the_constant_out_drops_it() -> None:
     """`if (r0 == 2) return TC_ACT_UNSPEC; return r0;` after the join: SHOT cannot reach the
     last exit, so the program is unknown (and the kernel never returns 2), not terminal."""
     insns = assemble(
-        mov64_reg(R6, R1),
-        ldx(4, R0, R6, SKB_LEN),
-        jmp_imm("jgt", R0, BIG, "drop"),
-        ja("out"),
-        label("drop"),
-        mov64_imm(R0, semantics.TC_ACT_SHOT),
-        label("out"),
+        FUNNELLED,
         jmp_imm("jeq", R0, semantics.TC_ACT_SHOT, "unspec"),
         exit_(),
         label("unspec"),

@@ -127,35 +127,29 @@ def test_terminal_tcx_starves_every_clsact_filter_and_tcprio_says_critical(
     assert "tcx" in scan.result.conflicts[0].message
 
 
-def test_a_terminal_filter_for_arp_does_not_hide_ip_traffic_and_tcprio_says_info(
-    pair, classifier_programs: ClassifierPrograms
+@pytest.mark.parametrize(
+    ("protocol", "hides_ip", "severity", "said"),
+    [
+        ("arp", False, Severity.INFO, "only sees arp frames"),
+        ("ip", True, Severity.CRITICAL, "for protocol ip packets"),
+    ],
+)
+def test_a_terminal_filter_hides_only_its_protocol_and_tcprio_says_so(
+    pair, classifier_programs: ClassifierPrograms, protocol, hides_ip, severity, said
 ):
     """`protocol arp`: the kernel does not even run the filter on IPv4 packets."""
     tx, rx = pair
-    attach_filter(tx, "a0", Direction.EGRESS, 1, "term_ok", protocol="arp")
+    attach_filter(tx, "a0", Direction.EGRESS, 1, "term_ok", protocol=protocol)
     attach_filter(tx, "a0", Direction.EGRESS, 10, "classifier_egress")
     arrived, runs, _ = _traffic_deltas(
         classifier_programs, tx, rx, ["term_ok", "classifier_egress"]
     )
     assert arrived == PACKETS
-    assert runs["classifier_egress"] >= PACKETS  # every IPv4 datagram reached the observer
-    assert runs["term_ok"] < PACKETS  # at most the ARP exchange, never the datagrams
+    if hides_ip:
+        assert runs["term_ok"] >= PACKETS and runs["classifier_egress"] < PACKETS
+    else:
+        assert runs["classifier_egress"] >= PACKETS  # every IPv4 datagram reached the observer
+        assert runs["term_ok"] < PACKETS  # at most the ARP exchange, never the datagrams
     conflicts = scan_only({tx.name}, datadog_settings()).result.conflicts
-    assert [c.severity for c in conflicts] == [Severity.INFO]
-    assert "only sees arp frames" in conflicts[0].message
-
-
-def test_the_same_filter_for_ip_hides_ip_traffic_and_tcprio_says_critical(
-    pair, classifier_programs: ClassifierPrograms
-):
-    tx, rx = pair
-    attach_filter(tx, "a0", Direction.EGRESS, 1, "term_ok", protocol="ip")
-    attach_filter(tx, "a0", Direction.EGRESS, 10, "classifier_egress")
-    arrived, runs, _ = _traffic_deltas(
-        classifier_programs, tx, rx, ["term_ok", "classifier_egress"]
-    )
-    assert arrived == PACKETS
-    assert runs["term_ok"] >= PACKETS and runs["classifier_egress"] < PACKETS
-    conflicts = scan_only({tx.name}, datadog_settings()).result.conflicts
-    assert [c.severity for c in conflicts] == [Severity.CRITICAL]
-    assert "for protocol ip packets" in conflicts[0].message
+    assert [c.severity for c in conflicts] == [severity]
+    assert said in conflicts[0].message

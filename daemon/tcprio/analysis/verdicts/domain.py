@@ -14,7 +14,7 @@ Abstract values of a register or a stack slot:
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from tcprio.analysis.verdicts.opcodes import (
     J_JEQ,
@@ -568,30 +568,26 @@ def branch_edges(op: int, d: Value, s: Value, bits: int, same_reg: bool) -> tupl
 
 
 def _edge_filtering_also(edge: Edge, op: int, bits: int, holds: bool, same_reg: bool) -> Edge:
-    """Keep, in an Unknown operand's `also`, only the values that can take this edge."""
+    """Keep, in an Unknown operand's `also`, only the values that can take this edge (against a
+    known other operand; against an unknown one, every value may)."""
     feasible, d, s = edge
     mask = (1 << bits) - 1
+
+    def takes(a: int, b: int) -> bool:
+        return _holds(op, a & mask, b & mask, bits) == holds
+
     if isinstance(d, Unknown) and d.also:
         if same_reg:
-            kept = {v for v in d.also if _holds(op, v & mask, v & mask, bits) == holds}
+            d = _keep_also(d, lambda v: takes(v, v))
         elif isinstance(s, Consts):
-            kept = {
-                v for v in d.also if any(_holds(op, v & mask, w & mask, bits) == holds
-                                         for w in s.values)
-            }  # fmt: skip
-        else:
-            kept = set(d.also)
-        d = Unknown(d.reason, d.may_stack, frozenset(kept))
-    if isinstance(s, Unknown) and s.also and not same_reg:
-        if isinstance(d, Consts):
-            kept = {
-                w for w in s.also if any(_holds(op, v & mask, w & mask, bits) == holds
-                                         for v in d.values)
-            }  # fmt: skip
-        else:
-            kept = set(s.also)
-        s = Unknown(s.reason, s.may_stack, frozenset(kept))
+            d = _keep_also(d, lambda v: any(takes(v, w) for w in s.values))
+    if isinstance(s, Unknown) and s.also and not same_reg and isinstance(d, Consts):
+        s = _keep_also(s, lambda w: any(takes(v, w) for v in d.values))
     return feasible, d, s
+
+
+def _keep_also(value: Unknown, keep: Callable[[int], bool]) -> Unknown:
+    return Unknown(value.reason, value.may_stack, frozenset(v for v in value.also if keep(v)))
 
 
 def _branch_edges(op: int, d: Value, s: Value, bits: int, same_reg: bool) -> tuple[Edge, Edge]:
