@@ -39,7 +39,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -186,7 +186,11 @@ def add_bpf_filter(
     )  # fmt: skip
 
 
-def build_node_side(ipr: IPRoute, pod: Pod, programs: ClassifierPrograms) -> None:
+def build_node_side(
+    ipr: IPRoute, pod: Pod, programs: ClassifierPrograms, cni_fds: tuple[int, int] | None = None
+) -> None:
+    """The pod's veth seen from the node: the CNI's filters (`cni_fds`: its own from- and
+    to-container programs, else `pod.cni_program` on both) and Datadog's."""
     pod_fd = os.open(NETNS_DIR / pod.netns, os.O_RDONLY | os.O_CLOEXEC)
     try:
         ipr.link(
@@ -198,8 +202,10 @@ def build_node_side(ipr: IPRoute, pod: Pod, programs: ClassifierPrograms) -> Non
     ipr.link("set", index=pod.node_ifindex, state="up")
     ipr.tc("add", "clsact", pod.node_ifindex)
     cni_fd = programs.fd(pod.cni_program)
-    for direction, section in (("ingress", "from-container"), ("egress", "to-container")):
-        add_bpf_filter(ipr, pod.node_ifindex, direction, CNI_PRIO, cni_fd,
+    fds = cni_fds or (cni_fd, cni_fd)
+    for direction, section, fd in (("ingress", "from-container", fds[0]),
+                                   ("egress", "to-container", fds[1])):  # fmt: skip
+        add_bpf_filter(ipr, pod.node_ifindex, direction, CNI_PRIO, fd,
                        f"bpf_lxc.o:[{section}]")  # fmt: skip
         add_bpf_filter(ipr, pod.node_ifindex, direction, DATADOG_PRIO,
                        programs.fd(f"classifier_{direction}"),
@@ -261,6 +267,9 @@ class Topology:
     build_seconds: float = 0.0
     teardown_seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # build time by phase
+    # the CNI's own (from-container, to-container) program fds for a pod; None: the shared
+    # test programs (`Pod.cni_program`)
+    cni_fds: Callable[[Pod], tuple[int, int]] | None = None
     _node_ipr: IPRoute | None = None
     _tcx_links: list[int] = field(default_factory=list)
 
@@ -315,7 +324,8 @@ class Topology:
         self._node_ipr = socket_in(self.node)
         self._node_ipr.link("set", index=1, state="up")
         for pod in self.pods_plan:
-            build_node_side(self._node_ipr, pod, programs)
+            fds = self.cni_fds(pod) if self.cni_fds else None
+            build_node_side(self._node_ipr, pod, programs, fds)
         clock.lap("node side")
         for pod in self.pods_plan:
             build_pod_side(pod)

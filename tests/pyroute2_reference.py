@@ -107,6 +107,45 @@ def _action_kinds(options: Any) -> tuple[str, ...]:
     return tuple(kinds)
 
 
+def _action_verdicts(kind: str, options: Any) -> tuple[int, ...]:
+    """What one action can return (see tcprio.kernel.rtnetlink._action_verdicts)."""
+    if kind not in ("mirred", "gact") or not hasattr(options, "get_attr"):
+        return ()
+    parms = options.get_attr("TCA_MIRRED_PARMS" if kind == "mirred" else "TCA_GACT_PARMS")
+    if not parms:
+        return ()
+    found = [parms["action"]]
+    if kind == "mirred" and parms.get("eaction") in (1, 3):  # a redirect: SHOT on failure
+        found.append(2)
+    prob = options.get_attr("TCA_GACT_PROB") if kind == "gact" else None
+    if prob:
+        found.append(prob["paction"])
+    return tuple(dict.fromkeys(found))
+
+
+def _action_controls(options: Any) -> tuple[tuple[int, ...], ...]:
+    controls: list[tuple[int, ...]] = []
+    for name, value in options.get("attrs", []):
+        if not name.endswith("_ACT") or not hasattr(value, "get"):
+            continue
+        for _prio, action in value.get("attrs", []):
+            kind = action.get_attr("TCA_ACT_KIND") if hasattr(action, "get_attr") else None
+            if kind:
+                controls.append(_action_verdicts(kind, action.get_attr("TCA_ACT_OPTIONS")))
+    return tuple(controls)
+
+
+def _u32_fields(options: Any) -> dict[str, Any]:
+    selector = options.get_attr("TCA_U32_SEL")
+    link = options.get_attr("TCA_U32_LINK")  # pyroute2 shows it as hex bytes, little endian
+    return {
+        "u32_terminal": bool(selector["flags"] & 1) if selector else None,
+        "u32_link": int.from_bytes(bytes.fromhex(link.replace(":", "")), "little")
+        if link
+        else None,
+    }
+
+
 def _is_filter_entry(kind: str, handle: int, options: Any) -> bool:
     """Dumps also list each classifier instance (handle 0, no options) and u32 hash tables."""
     if options is None or not hasattr(options, "get_attr"):
@@ -132,7 +171,11 @@ def filter_from_message(msg: Any, position: int) -> TcFilter | None:
     if kind != "bpf" or not hasattr(options, "get_attr"):
         classid = options.get_attr("TCA_U32_CLASSID") if hasattr(options, "get_attr") else None
         actions = _action_kinds(options) if hasattr(options, "get") else ()
-        return TcFilter(**common, classid=classid, actions=actions)
+        controls = _action_controls(options) if hasattr(options, "get") else ()
+        extra = _u32_fields(options) if kind == "u32" and hasattr(options, "get_attr") else {}
+        return TcFilter(
+            **common, classid=classid, actions=actions, action_controls=controls, **extra
+        )
     flags = options.get_attr("TCA_BPF_FLAGS") or 0
     return TcFilter(
         **common,
@@ -142,6 +185,7 @@ def filter_from_message(msg: Any, position: int) -> TcFilter | None:
         tag=_hex_tag(options.get_attr("TCA_BPF_TAG")),
         classid=options.get_attr("TCA_BPF_CLASSID"),
         actions=_action_kinds(options),
+        action_controls=_action_controls(options),
     )
 
 
@@ -154,18 +198,26 @@ def filters_from_messages(messages: Iterable[Any]) -> tuple[TcFilter, ...]:
     return tuple(filters)
 
 
-def _hook_qdiscs(ipr: IPRoute) -> dict[int, str]:
-    """ifindex -> "clsact" or "ingress", for every interface that has one of them."""
-    found: dict[int, str] = {}
+def _hook_qdiscs(ipr: IPRoute) -> dict[int, tuple[str, dict[Direction, int | None]]]:
+    """ifindex -> ("clsact" or "ingress", its shared blocks), for every interface with one."""
+    found: dict[int, tuple[str, dict[Direction, int | None]]] = {}
     for msg in ipr.get_qdiscs():
         kind = msg.get_attr("TCA_KIND")
         if msg["parent"] == TC_H_CLSACT and kind in ("clsact", "ingress"):
-            found[msg["index"]] = kind
+            blocks = {
+                Direction.INGRESS: msg.get_attr("TCA_INGRESS_BLOCK") or None,
+                Direction.EGRESS: msg.get_attr("TCA_EGRESS_BLOCK") or None,
+            }
+            found[msg["index"]] = (kind, blocks)
     return found
 
 
 def _read_hook(
-    ipr: IPRoute, ifindex: int, qdisc: str | None, direction: Direction
+    ipr: IPRoute,
+    ifindex: int,
+    qdisc: str | None,
+    direction: Direction,
+    block: int | None = None,
 ) -> HookInventory:
     hook_qdisc = qdisc if (qdisc == "clsact" or direction is Direction.INGRESS) else None
     tcx, error = _read_tcx(ifindex, direction)
@@ -178,7 +230,12 @@ def _read_hook(
             if exc.code != errno.ENODEV:
                 error = f"filter dump failed: {exc}"
     return HookInventory(
-        direction=direction, qdisc=hook_qdisc, filters=filters, tcx=tcx, error=error
+        direction=direction,
+        qdisc=hook_qdisc,
+        filters=filters,
+        tcx=tcx,
+        error=error,
+        block=block if hook_qdisc is not None else None,
     )
 
 
@@ -196,8 +253,10 @@ def read_current_namespace(ns: NetNamespace) -> NamespaceInventory:
         qdiscs = _hook_qdiscs(ipr)
         interfaces = []
         for ifindex, ifname, kind in _links(ipr):
+            qdisc, blocks = qdiscs.get(ifindex, (None, {}))
             hooks = tuple(
-                _read_hook(ipr, ifindex, qdiscs.get(ifindex), direction) for direction in Direction
+                _read_hook(ipr, ifindex, qdisc, direction, blocks.get(direction))
+                for direction in Direction
             )
             interfaces.append(Interface(ifindex=ifindex, name=ifname, kind=kind, hooks=hooks))
     return NamespaceInventory(namespace=ns, interfaces=tuple(interfaces))

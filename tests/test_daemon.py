@@ -113,7 +113,14 @@ def write_config(
 
 
 @contextlib.contextmanager
-def daemon(tmp_path: Path, resync: int = 30) -> Iterator[RunningDaemon]:
+def daemon(
+    tmp_path: Path,
+    resync: int = 30,
+    while_waiting: Callable[[RunningDaemon], None] | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[RunningDaemon]:
+    """A daemon on this test's namespaces, once ready; `while_waiting` runs at each check
+    until then; `env` is added to its environment."""
     port = free_port()
     config = tmp_path / "tcprio.yaml"
     write_config(config, port, resync=resync)
@@ -123,10 +130,14 @@ def daemon(tmp_path: Path, resync: int = 30) -> Iterator[RunningDaemon]:
             [sys.executable, "-m", "tcprio", "--config", str(config)],
             stdout=subprocess.DEVNULL,
             stderr=err,
+            env={**os.environ, **(env or {})},
         )
     running = RunningDaemon(proc, port, config, stderr)
 
     def ready() -> bool:
+        if while_waiting is not None:
+            with contextlib.suppress(OSError):
+                while_waiting(running)
         with contextlib.suppress(OSError):
             if running.get("/readyz")[0] == 200:
                 return True

@@ -165,3 +165,74 @@ def test_non_bpf_filter_with_actions() -> None:
     assert verdict.verdict_class is TERMINAL
     assert verdict.terminal_actions == ("mirred action",)
     assert "ends the chain for the packets it matches" in verdict.reason
+
+
+# --- filter actions (tcf_action_exec), checked against run counters in test_action_verdicts --
+
+CONTINUE, PIPE, STOLEN, SHOT, OK = -1, 3, 4, 2, 0
+JUMP = semantics.TC_ACT_JUMP
+GOTO_CHAIN = semantics.TC_ACT_GOTO_CHAIN
+
+
+@pytest.mark.parametrize(
+    ("controls", "results"),
+    [
+        ((), {OK}),  # no actions: TC_ACT_OK
+        (((CONTINUE,),), {CONTINUE}),
+        (((PIPE,),), {PIPE}),  # pipe to nothing: TC_ACT_PIPE comes back
+        (((PIPE,), (CONTINUE,)), {CONTINUE}),
+        (((CONTINUE,), (PIPE,)), {CONTINUE}),  # the first non-pipe result stops the actions
+        (((STOLEN, SHOT),), {STOLEN, SHOT}),  # a redirect, or its failure
+        (((JUMP | 2,), (STOLEN,), (CONTINUE,)), {CONTINUE}),  # restarts, skipping 2 actions
+        (((PIPE,), (JUMP | 1,)), {OK}),  # jumps back onto itself until the ttl: TC_ACT_OK
+        (((JUMP | 1,),), {JUMP | 1}),  # restarts past every action: the jump is returned
+        (((JUMP | 5,), (CONTINUE,)), {OK}),  # beyond the last action: a faulty jump
+        (((6,),), {OK}),  # TC_ACT_REPEAT: repeated, then the pipeline stops with OK
+        (((GOTO_CHAIN | 1,),), {GOTO_CHAIN | 1}),
+    ],
+)
+def test_actions_outcome_follows_tcf_action_exec(controls, results) -> None:
+    outcome = semantics.actions_outcome(controls)
+    assert outcome.results == frozenset(results) and not outcome.unmodelled
+
+
+def test_an_unmodelled_action_is_only_unknown_when_reached() -> None:
+    assert semantics.actions_outcome(((PIPE,), ())).unmodelled == {1}
+    assert semantics.actions_outcome(((STOLEN,), ())).unmodelled == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("controls", "expected", "named"),
+    [
+        (((CONTINUE,),), TRANSPARENT, ()),
+        (((PIPE,),), TERMINAL, ("TC_ACT_PIPE",)),
+        (((PIPE,), (CONTINUE,)), TRANSPARENT, ()),
+        (((STOLEN, SHOT),), TERMINAL, ("TC_ACT_SHOT", "TC_ACT_STOLEN")),
+        (((GOTO_CHAIN | 3,),), TERMINAL, ("goto chain 3",)),
+        (((),), UNKNOWN, ()),
+    ],
+)
+def test_a_u32_key_with_actions_is_judged_by_their_result(controls, expected, named) -> None:
+    actions = ("mirred",) * len(controls)
+    verdict = semantics.classify_non_bpf_filter("u32", actions, controls, u32_terminal=True)
+    assert verdict.verdict_class is expected, verdict.reason
+    assert verdict.terminal_actions == named
+
+
+def test_u32_keys_that_never_run_actions_are_transparent() -> None:
+    plain = semantics.classify_non_bpf_filter("u32", (), (), u32_terminal=False)
+    linked = semantics.classify_non_bpf_filter("u32", (), (), False, 0x200000)
+    classid = semantics.classify_non_bpf_filter("u32", (), (), u32_terminal=True)
+    assert plain.verdict_class is TRANSPARENT and "does nothing" in plain.reason
+    assert linked.verdict_class is TRANSPARENT and "hash table 2" in linked.reason
+    assert classid.verdict_class is TERMINAL and classid.terminal_actions == ("TC_ACT_OK",)
+
+
+def test_a_class_id_filter_whose_actions_continue_is_transparent_whatever_it_returns() -> None:
+    continues = ((CONTINUE,),)
+    verdict = semantics.classify_clsact_classid(None, ("mirred",), frozenset(), continues)
+    assert verdict.verdict_class is TRANSPARENT
+    piped = semantics.classify_clsact_classid(frozenset({0, -1}), ("mirred",), controls=((PIPE,),))
+    assert piped.verdict_class is TERMINAL
+    never = semantics.classify_clsact_classid(frozenset({0}), ("police",), controls=((),))
+    assert never.verdict_class is TRANSPARENT

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         metavar="FILE",
         default=str(DEFAULT_CONFIG_PATH),
-        help=f"daemon configuration (default {DEFAULT_CONFIG_PATH}; built-in defaults if absent)",
+        help=f"daemon configuration (default {DEFAULT_CONFIG_PATH}; built-in defaults if absent); "
+        "--scan also reports the classifiers hidden from the observers it names",
     )
     parser.add_argument(
         "--listen-address",
@@ -94,6 +95,19 @@ def _refused(command: str) -> bool:
     return problem is not None
 
 
+def _configured_observers(path: Path) -> tuple:
+    """The observers the daemon configuration names, as the analysis wants them. A bad file
+    costs them only (one line on stderr per problem): the scan itself still runs."""
+    from tcprio.service.config import ConfigError, load_config
+
+    try:
+        return load_config(path, missing_ok=True).observer_rules
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"tcprio: configuration ignored, no extra observers: {problem}", file=sys.stderr)
+        return ()
+
+
 def run_scan_command(args: argparse.Namespace) -> int:
     if _refused("tcprio"):
         return EXIT_FAILED
@@ -110,11 +124,13 @@ def run_scan_command(args: argparse.Namespace) -> int:
     settings = resolve_settings(files=files, scan_processes=not args.no_agent_process)
     for error in settings.errors:
         print(f"tcprio: bad Datadog setting ignored: {error}", file=sys.stderr)
+    observers = _configured_observers(Path(args.config))
     try:
         scan = run_scan(
             discover=_namespace_filter(args.netns),
             settings=settings,
             cilium_version=args.cilium_version,
+            observers=observers,
         )
     except Exception as exc:  # the one place a failed scan becomes exit status 3
         print(f"tcprio: scan failed: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -6,6 +6,8 @@ the analysis modules (verdicts, conflicts) take them in and hand findings out.
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -73,6 +75,14 @@ class TcFilter:
     # cls_bpf with classic BPF (`tc filter ... bpf bytecode`): its instructions, as the kernel
     # dumps them (code, jt, jf, k); such a filter has no program id.
     classic_ops: tuple[tuple[int, int, int, int], ...] | None = None
+    # Per action, in order: the verdicts it can return (its control: TC_ACT_PIPE for `pipe`,
+    # TC_ACT_UNSPEC for `continue`, TC_ACT_STOLEN for a mirred redirect, ...); () for an
+    # action whose verdict tcprio does not model. Empty when the actions were not read.
+    action_controls: tuple[tuple[int, ...], ...] = ()
+    # u32 only: whether a match runs the key's actions (TC_U32_TERMINAL: it has a classid or
+    # actions); a key without it only descends into the hash table it links to, if any.
+    u32_terminal: bool | None = None
+    u32_link: int | None = None  # u32 only: the handle of the hash table a match descends into
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,7 @@ class HookInventory:
     filters: tuple[TcFilter, ...] = ()
     tcx: tuple[TcxEntry, ...] = ()
     error: str | None = None  # a partial failure reading this hook
+    block: int | None = None  # the shared filter block (`ingress_block N`) the hook runs, if any
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,53 @@ class Instruction:
     imm: int  # signed 32 bits
 
 
+_INSN = struct.Struct("<BBhi")  # code, dst | src << 4, off, imm
+
+
+class RawInstructions(Sequence[Instruction]):
+    """A program's instructions as the kernel hands them out (8 little-endian bytes each),
+    decoded into `Instruction`s only when read one by one: the analysis reads `raw` directly,
+    and a node's thousands of instructions per program need not become objects."""
+
+    __slots__ = ("_decoded", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        if len(raw) % _INSN.size:
+            raise ValueError(f"{len(raw)} bytes is not a whole number of eBPF instructions")
+        self.raw = bytes(raw)
+        self._decoded: tuple[Instruction, ...] | None = None
+
+    def _all(self) -> tuple[Instruction, ...]:
+        if self._decoded is None:
+            self._decoded = tuple(
+                Instruction(code=code, dst=regs & 0x0F, src=regs >> 4, off=off, imm=imm)
+                for code, regs, off, imm in _INSN.iter_unpack(self.raw)
+            )
+        return self._decoded
+
+    def __len__(self) -> int:
+        return len(self.raw) // _INSN.size
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._all()[index]
+
+    def __iter__(self) -> Iterator[Instruction]:
+        return iter(self._all())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RawInstructions):
+            return self.raw == other.raw
+        if isinstance(other, Sequence):
+            return self._all() == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
+    def __repr__(self) -> str:
+        return f"RawInstructions({len(self)} instructions)"
+
+
 @dataclass(frozen=True)
 class ProgramInfo:
     """What BPF_OBJ_GET_INFO_BY_FD says of one program."""
@@ -132,13 +190,18 @@ class ProgramInfo:
     type_name: str
     load_time_ns: int  # since boot
     map_ids: tuple[int, ...]
-    insns: tuple[Instruction, ...] | None  # None when the kernel would not show them
+    # None when the kernel would not show them; RawInstructions when read from the kernel
+    insns: Sequence[Instruction] | None
     run_cnt: int = 0
     run_time_ns: int = 0
     created_by_uid: int = 0
     btf_id: int = 0
     error: str | None = None  # why insns are missing, when they are
     full_name: str | None = None  # main function's BTF name (name is cut to 15 chars); None: no BTF
+    # freplace links: (first instruction of the replaced global function, the BPF_PROG_TYPE_EXT
+    # program that runs instead), sorted; the offset is -1 when the function could not be placed
+    # (its BTF id is not in the program's func_info). Set by the catalogue: links come and go.
+    replaced_functions: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -180,6 +243,7 @@ class ProgramVerdicts:
     values: frozenset[int] | None  # union over every exit; None when any exit is unknown
     exits: tuple[ExitPath, ...]
     unknown_reasons: tuple[str, ...] = ()
+    work: int = 0  # units of work the analysis took (AnalysisLimits.max_work), 0 when shared
 
     @property
     def known_values(self) -> frozenset[int]:
@@ -254,6 +318,7 @@ class Classifier:
     link_id: int | None = None
     is_datadog: bool = False
     vendor_evidence: str = ""  # the names that identified the vendor, one line
+    block: int | None = None  # the shared filter block it is on (it runs on every hook bound)
 
 
 @dataclass(frozen=True)
@@ -291,6 +356,31 @@ class HookReport:
     notes: tuple[str, ...] = ()
 
 
+# --- shadowing: every other classifier a classifier before it can hide ----------------------
+
+
+class ShadowKind(StrEnum):
+    OBSERVER_HIDDEN = "observer_hidden"  # an observer (Retina, Beyla, a configured one) hidden
+    POLICY_BYPASS = "policy_bypass"  # a CNI's policy program behind one that returns TC_ACT_OK
+    HIDDEN = "hidden"  # any other classifier hidden
+
+
+@dataclass(frozen=True)
+class Shadowing:
+    """A classifier (not Datadog's: that is a Conflict) that one before it on its hook may hide."""
+
+    namespace: str
+    interface: str
+    direction: Direction
+    kind: ShadowKind
+    severity: Severity
+    hidden: Classifier
+    blocker: Classifier  # the earliest classifier that may hide it
+    message: str
+    hidden_label: str = ""  # who the hidden one is: its vendor, or a configured observer's name
+    other_blockers: int = 0  # further classifiers before it that may hide it too
+
+
 @dataclass
 class ScanResult:
     hooks: list[HookReport] = field(default_factory=list)
@@ -298,6 +388,7 @@ class ScanResult:
     recommended_priority: int | None = None
     recommendation_note: str = ""
     notes: list[str] = field(default_factory=list)
+    shadowings: list[Shadowing] = field(default_factory=list)
 
 
 HookKey = tuple[str, str, str]  # namespace, interface, direction

@@ -25,6 +25,8 @@ from tcprio.model import (
     Remedy,
     Setting,
     Severity,
+    Shadowing,
+    ShadowKind,
     VerdictClass,
 )
 from tcprio.scan import Scan
@@ -98,6 +100,21 @@ def conflict_json(c: Conflict) -> dict[str, Any]:
         "datadog_attached": c.datadog_attached,
         "recommended_classifier_priority": c.recommended_priority,
         "remedies": [_remedy_json(r) for r in c.remedies],
+    }
+
+
+def shadowing_json(s: Shadowing) -> dict[str, Any]:
+    return {
+        "namespace": s.namespace,
+        "interface": s.interface,
+        "direction": str(s.direction),
+        "kind": str(s.kind),
+        "severity": str(s.severity),
+        "message": s.message,
+        "hidden": classifier_json(s.hidden),
+        "hidden_label": s.hidden_label,
+        "blocker": classifier_json(s.blocker),
+        "other_blockers": s.other_blockers,
     }
 
 
@@ -192,7 +209,13 @@ def _summary(scan: Scan) -> dict[str, Any]:
         "interfaces": sum(len(inv.interfaces) for inv in scan.inventories),
         "classifiers": sum(len(h.classifiers) for h in scan.result.hooks),
         "conflicts": {str(s): counts.get(str(s), 0) for s in Severity},
+        "shadowed": _shadowed_counts(scan.result.shadowings),
     }
+
+
+def _shadowed_counts(shadowings: Iterable[Shadowing]) -> dict[str, int]:
+    counts = Counter(str(s.kind) for s in shadowings)
+    return {str(k): counts.get(str(k), 0) for k in ShadowKind}
 
 
 def scan_json(scan: Scan) -> dict[str, Any]:
@@ -212,6 +235,7 @@ def scan_json(scan: Scan) -> dict[str, Any]:
         "recommendation": scan.result.recommendation_note,
         "notes": list(scan.result.notes),
         "conflicts": [conflict_json(c) for c in scan.result.conflicts],
+        "shadowed": [shadowing_json(s) for s in scan.result.shadowings],
         "namespaces": [_namespace_json(inv, reports) for inv in scan.inventories],
         "programs": {
             str(pid): _program_json(info, scan.verdicts.get(pid))
@@ -337,11 +361,35 @@ def _conflict_lines(scan: Scan, style: Style) -> list[str]:
     return lines
 
 
+KIND_TEXT = {
+    ShadowKind.POLICY_BYPASS: "policy bypass",
+    ShadowKind.OBSERVER_HIDDEN: "observer hidden",
+    ShadowKind.HIDDEN: "hidden",
+}
+
+
+def _shadowing_lines(scan: Scan, style: Style) -> list[str]:
+    """Every other classifier hidden: one line each, who hides it and how."""
+    found = scan.result.shadowings
+    if not found:
+        return ["No other classifier is hidden by one before it."]
+    counts = Counter(s.kind for s in found)
+    summary = ", ".join(f"{counts[k]} {KIND_TEXT[k]}" for k in KIND_TEXT if counts[k])
+    lines = [style.bold(f"HIDDEN CLASSIFIERS ({summary})")]
+    for s in found:
+        where = f"{s.namespace} / {s.interface} {s.direction}"
+        lines.append(f"  {style.severity(s.severity)} {where} [{KIND_TEXT[s.kind]}]: {s.message}")
+    return lines
+
+
 def _place(c: Classifier) -> tuple[str, int]:
     return (str(c.hook), c.position)
 
 
-def _hook_lines(report: HookReport, style: Style, explain_terminal: bool, scan: Scan) -> list[str]:
+def _hook_lines(
+    report: HookReport, style: Style, explain_terminal: bool, scan: Scan,
+    hidden: dict[tuple[str, int], ShadowKind],
+) -> list[str]:  # fmt: skip
     blockers = {_place(c.blocker): c.severity for c in report.conflicts}
     lines = [f"  {report.interface} {report.direction}"]
     for c in report.classifiers:
@@ -350,6 +398,8 @@ def _hook_lines(report: HookReport, style: Style, explain_terminal: bool, scan: 
             mark = "  <- " + style.severity(blockers[_place(c)])
         elif c.is_datadog:
             mark = "  <- Datadog"
+        elif _place(c) in hidden:
+            mark = f"  <- {KIND_TEXT[hidden[_place(c)]]}"
         lines.append(f"    {classifier_line(c)}{mark}")
         if explain_terminal and c.vendor_evidence:
             lines.append(f"        {c.vendor} by {c.vendor_evidence}")
@@ -359,6 +409,18 @@ def _hook_lines(report: HookReport, style: Style, explain_terminal: bool, scan: 
     return lines
 
 
+HiddenByHook = dict[tuple[str, str, str], dict[tuple[str, int], ShadowKind]]
+
+
+def _hidden_by_hook(scan: Scan) -> HiddenByHook:
+    """Hook -> the places of its hidden classifiers, with their kind."""
+    found: HiddenByHook = {}
+    for s in scan.result.shadowings:
+        hook = (s.namespace, s.interface, str(s.direction))
+        found.setdefault(hook, {})[_place(s.hidden)] = s.kind
+    return found
+
+
 def _inventory_lines(scan: Scan, style: Style, explain_terminal: bool) -> list[str]:
     by_namespace: dict[str, list[HookReport]] = {}
     for report in scan.result.hooks:
@@ -366,10 +428,12 @@ def _inventory_lines(scan: Scan, style: Style, explain_terminal: bool) -> list[s
     lines = [style.bold("CLASSIFIERS BY NAMESPACE")]
     if not by_namespace:
         lines.append("  (no TC classifier on this node)")
+    hidden = _hidden_by_hook(scan)
     for ns_name, reports in by_namespace.items():
         lines.append(style.bold(ns_name))
         for report in reports:
-            lines += _hook_lines(report, style, explain_terminal, scan)
+            key = (report.namespace, report.interface, str(report.direction))
+            lines += _hook_lines(report, style, explain_terminal, scan, hidden.get(key, {}))
     return lines
 
 
@@ -383,6 +447,7 @@ def render_text(scan: Scan, color: bool | None = None, explain_terminal: bool = 
     )
     lines = [header, ""]
     lines += _conflict_lines(scan, style) + [""]
+    lines += _shadowing_lines(scan, style) + [""]
     lines += _datadog_lines(scan) + [""]
     lines += _inventory_lines(scan, style, explain_terminal)
     if scan.vanished:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from tcprio.analysis import semantics, vendors
 from tcprio.analysis.classic_bpf import analyse_classic
 from tcprio.analysis.conflicts import DatadogTarget, HookClassifiers, analyse
 from tcprio.analysis.remedies import attach_remedies, incompatibility_notes
-from tcprio.analysis.verdicts import AnalysisLimits, analyse_program
+from tcprio.analysis.shadowing import ObserverRule, find_shadowings
+from tcprio.analysis.verdicts import AnalysisLimits, SharedVerdicts, analyse_program
 from tcprio.datadog import resolve_settings
 from tcprio.kernel import bpf_syscalls
 from tcprio.kernel.namespaces import discover_namespaces
@@ -79,11 +80,14 @@ class ProgramCache:
     verdict is reused only while those arrays hold the same programs.
     """
 
-    def __init__(self, limits: AnalysisLimits | None = None) -> None:
+    def __init__(self, limits: AnalysisLimits | None = None, share: bool = True) -> None:
         self.limits = limits or AnalysisLimits()
         self.infos: dict[int, ProgramInfo] = {}
         self._verdicts: dict[int, tuple[tuple, ProgramVerdicts]] = {}
         self._helper_names: Mapping[int, str] | None = None
+        # one analysis for programs that differ only in constants (share=False: the bench's
+        # baseline)
+        self.shared = SharedVerdicts(enabled=share)
 
     def catalogue(self, roots: Iterable[int]) -> ProgramCatalogue:
         catalogue = collect_programs(roots, known=self.infos)
@@ -95,34 +99,61 @@ class ProgramCache:
             self._helper_names = bpf_syscalls.helper_symbols()
         return self._helper_names
 
-    def verdicts(
-        self, catalogue: ProgramCatalogue, roots: Iterable[int]
-    ) -> dict[int, ProgramVerdicts]:
-        fresh: dict[int, tuple[tuple, ProgramVerdicts]] = {}
+    def missing(self, catalogue: ProgramCatalogue, roots: Iterable[int]) -> list[int]:
+        """The roots without a verdict for what their prog arrays hold now."""
+        found = []
         for prog_id in dict.fromkeys(roots):
             if prog_id not in catalogue.programs:
                 continue
-            key = tail_call_state(prog_id, catalogue)
             cached = self._verdicts.get(prog_id)
-            if cached is None or cached[0] != key:
-                verdict = analyse_program(
-                    prog_id, catalogue.programs, catalogue.maps, self._helpers(), self.limits
-                )
-                cached = (key, verdict)
-            fresh[prog_id] = cached
-        self._verdicts = fresh
-        return {prog_id: verdict for prog_id, (_, verdict) in fresh.items()}
+            if cached is None or cached[0] != tail_call_state(prog_id, catalogue):
+                found.append(prog_id)
+        return found
+
+    def analyse(
+        self, catalogue: ProgramCatalogue, roots: Iterable[int]
+    ) -> dict[int, tuple[tuple, ProgramVerdicts]]:
+        """Verdicts of `roots`, each with the prog-array state it holds for. Pure analysis: the
+        daemon runs it on its analysis thread (nothing else uses `shared` meanwhile)."""
+        helpers = self._helpers()
+        analysed = {}
+        for prog_id in roots:
+            verdict = self.shared.verdicts(
+                prog_id, catalogue.programs, catalogue.maps,
+                lambda root, masks, progs, maps: analyse_program(
+                    root, progs, maps, helpers, self.limits, masks
+                ),
+            )  # fmt: skip
+            analysed[prog_id] = (tail_call_state(prog_id, catalogue), verdict)
+        return analysed
+
+    def store(self, analysed: Mapping[int, tuple[tuple, ProgramVerdicts]]) -> None:
+        self._verdicts.update(analysed)
+
+    def verdicts(
+        self, catalogue: ProgramCatalogue, roots: Iterable[int]
+    ) -> dict[int, ProgramVerdicts]:
+        """Every root's verdict, analysing what is missing; forgets roots not asked for."""
+        roots = [prog_id for prog_id in dict.fromkeys(roots) if prog_id in catalogue.programs]
+        self.store(self.analyse(catalogue, self.missing(catalogue, roots)))
+        self._verdicts = {prog_id: self._verdicts[prog_id] for prog_id in roots}
+        return {prog_id: self._verdicts[prog_id][1] for prog_id in roots}
 
 
 def tail_call_state(prog_id: int, catalogue: ProgramCatalogue) -> tuple:
-    """The contents of every prog array reachable from `prog_id`, as a comparable key."""
-    state = []
+    """The contents of every prog array reachable from `prog_id`, and the freplace links of every
+    program reached (as (-program id, its replaced functions)), as a comparable key."""
+    state: list[tuple] = []
     pending, seen_progs, seen_maps = [prog_id], set(), set()
     while pending:
         current = pending.pop()
         if current in seen_progs or current not in catalogue.programs:
             continue
         seen_progs.add(current)
+        replaced = catalogue.programs[current].replaced_functions
+        if replaced:
+            state.append((-current, replaced))
+            pending.extend(ext for _off, ext in replaced)
         for map_id in catalogue.programs[current].map_ids:
             info = catalogue.maps.get(map_id)
             if map_id in seen_maps or info is None or info.prog_array is None:
@@ -152,7 +183,9 @@ def filter_verdict(
     f: TcFilter, verdicts: Mapping[int, ProgramVerdicts], catalogue: ProgramCatalogue
 ) -> ClassifierVerdict:
     if f.kind != "bpf":
-        return semantics.classify_non_bpf_filter(f.kind, f.actions)
+        return semantics.classify_non_bpf_filter(
+            f.kind, f.actions, f.action_controls, f.u32_terminal, f.u32_link
+        )
     if f.classic_ops is not None:
         return _classic_verdict(f)
     analysed = _program_verdicts(f.prog_id, verdicts, catalogue)
@@ -161,14 +194,16 @@ def filter_verdict(
     values, partial = analysed.values, analysed.known_values
     if f.direct_action:
         return semantics.classify_clsact_direct_action(values, partial)
-    return semantics.classify_clsact_classid(values, f.actions, partial)
+    return semantics.classify_clsact_classid(values, f.actions, partial, f.action_controls)
 
 
 def _classic_verdict(f: TcFilter) -> ClassifierVerdict:
     """Classic bytecode runs in class-id mode: 0 is no match, anything else ends the chain."""
     returns = analyse_classic(f.classic_ops or ())
     values = returns.values if returns.complete else None
-    verdict = semantics.classify_clsact_classid(values, f.actions, returns.values)
+    verdict = semantics.classify_clsact_classid(
+        values, f.actions, returns.values, f.action_controls
+    )
     if verdict.verdict_class is VerdictClass.UNKNOWN and returns.unknown:
         return _unknown("classic BPF: " + "; ".join(returns.unknown))
     return replace(verdict, reason="classic BPF: " + verdict.reason)
@@ -252,6 +287,8 @@ def hook_classifiers(
 ) -> HookClassifiers:
     found = [tcx_classifier(t, verdicts, catalogue) for t in hook.tcx]
     found += [filter_classifier(f, verdicts, catalogue) for f in hook.filters]
+    if hook.block is not None:  # the same filters run on every hook bound to the block
+        found = [c if c.hook is HookKind.TCX else replace(c, block=hook.block) for c in found]
     return HookClassifiers(ns_name, ifname, hook.direction, tuple(found))
 
 
@@ -303,21 +340,25 @@ def analyse_node(
     datadog: DatadogSettings,
     cache: ProgramCache | None = None,
     cilium_version: str | None = None,
+    observers: Sequence[ObserverRule] = (),
+    catalogue: ProgramCatalogue | None = None,
 ) -> NodeAnalysis:
-    """Programs, verdicts, conflicts and remedies for the given inventories.
+    """Programs, verdicts, conflicts and remedies for the given inventories, and every other
+    classifier hidden (`observers`: those the daemon's configuration names).
 
     `cache` keeps program infos and verdicts between calls (the daemon); without it every
     program is read and analysed afresh (a one-shot scan).
     """
     cache = cache if cache is not None else ProgramCache()
     roots = attached_program_ids(inventories)
-    catalogue = cache.catalogue(roots)
+    catalogue = catalogue if catalogue is not None else cache.catalogue(roots)
     verdicts = cache.verdicts(catalogue, roots)
     result = analyse(all_hooks(inventories, verdicts, catalogue), datadog_target(datadog))
     result = attach_remedies(result, datadog)
     result.notes.extend(
         incompatibility_notes(datadog, cilium_version, _has_vendor(result, "Cilium"))
     )
+    result.shadowings = find_shadowings(result.hooks, observers)
     return NodeAnalysis(catalogue, verdicts, result)
 
 
@@ -329,11 +370,12 @@ def run_scan(
     discover: Callable[[], list[NetNamespace]] = discover_namespaces,
     settings: DatadogSettings | None = None,
     cilium_version: str | None = None,
+    observers: Sequence[ObserverRule] = (),
 ) -> Scan:
     started = time.monotonic()
     inventories, vanished = enumerate_namespaces(discover())
     datadog = settings if settings is not None else resolve_settings()
-    node = analyse_node(inventories, datadog, cilium_version=cilium_version)
+    node = analyse_node(inventories, datadog, cilium_version=cilium_version, observers=observers)
     return Scan(
         inventories=inventories,
         catalogue=node.catalogue,

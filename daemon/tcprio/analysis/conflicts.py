@@ -64,7 +64,7 @@ def execution_order(classifiers: Iterable[Classifier]) -> tuple[Classifier, ...]
     return tuple(sorted(classifiers, key=key))
 
 
-def _protocol_name(protocol: int) -> str:
+def protocol_name(protocol: int) -> str:
     names = {
         ETH_P_ALL: "all", 0x0800: "ip", 0x86DD: "ipv6", 0x0806: "arp", 0x8100: "802.1q",
         0x88A8: "802.1ad",
@@ -75,14 +75,15 @@ def _protocol_name(protocol: int) -> str:
 def describe(c: Classifier) -> str:
     vendor = f"{c.vendor} " if c.vendor else ""
     ident = f" (prog {c.prog_id})" if c.prog_id is not None else ""
-    return f"{vendor}{c.kind} classifier '{c.name}'{ident}"
+    block = f" on shared block {c.block}" if c.block is not None else ""
+    return f"{vendor}{c.kind} classifier '{c.name}'{ident}{block}"
 
 
-def _terminal_text(c: Classifier) -> str:
+def terminal_text(c: Classifier) -> str:
     actions = ", ".join(c.verdict.terminal_actions) or "a terminal verdict"
     scope = ""
     if c.hook is HookKind.CLSACT and c.protocol != ETH_P_ALL:
-        scope = f" for protocol {_protocol_name(c.protocol)} packets"
+        scope = f" for protocol {protocol_name(c.protocol)} packets"
     return f"may return {actions}{scope}"
 
 
@@ -125,7 +126,7 @@ def _tcx_finding(c: Classifier) -> _Finding | None:
     if c.verdict.verdict_class is VerdictClass.TERMINAL:
         return _Finding(
             Severity.CRITICAL,
-            f"{describe(c)} runs in tcx, before every clsact filter, and {_terminal_text(c)}: "
+            f"{describe(c)} runs in tcx, before every clsact filter, and {terminal_text(c)}: "
             "it hides Datadog's classifier whatever its priority",
         )
     if c.verdict.verdict_class is VerdictClass.UNKNOWN:
@@ -147,13 +148,13 @@ def _other_traffic_finding(c: Classifier, pos: _Position) -> _Finding | None:
     """A clsact filter limited to a protocol that carries no IP packets: at most info."""
     if c.verdict.verdict_class is VerdictClass.TRANSPARENT:
         return None
-    may = _terminal_text(c) if c.verdict.verdict_class is VerdictClass.TERMINAL else (
+    may = terminal_text(c) if c.verdict.verdict_class is VerdictClass.TERMINAL else (
         "may end the chain (its verdict could not be proven)"
     )
     return _Finding(
         Severity.INFO,
         f"{describe(c)} at priority {c.priority or 0}, before Datadog's priority {pos.priority}, "
-        f"{may}: it only sees {_protocol_name(c.protocol)} frames, so it hides only those from "
+        f"{may}: it only sees {protocol_name(c.protocol)} frames, so it hides only those from "
         "Datadog's classifier, which inspects IPv4 and IPv6 packets; nothing to change",
     )
 
@@ -180,12 +181,12 @@ def _clsact_finding(c: Classifier, pos: _Position) -> _Finding | None:
     if prio <= 1:
         return _Finding(
             Severity.CRITICAL,
-            f"{describe(c)} {_terminal_text(c)} {order}; no classifier_priority can run before "
+            f"{describe(c)} {terminal_text(c)} {order}; no classifier_priority can run before "
             "priority 1, so Datadog's network detection cannot work on this hook",
         )
     return _Finding(
         Severity.ERROR,
-        f"{describe(c)} {_terminal_text(c)} {order}: Datadog's classifier never sees those packets",
+        f"{describe(c)} {terminal_text(c)} {order}: Datadog's classifier never sees those packets",
         fixable_below=prio,
     )
 
@@ -195,7 +196,7 @@ def _same_priority_finding(c: Classifier, prio: int) -> _Finding | None:
     if c.kind != "bpf" or c.protocol != ETH_P_ALL:
         message = (
             f"{describe(c)} holds priority {prio} with kind {c.kind} and protocol "
-            f"{_protocol_name(c.protocol)}: the kernel refuses Datadog's bpf filter (protocol "
+            f"{protocol_name(c.protocol)}: the kernel refuses Datadog's bpf filter (protocol "
             "all) at that priority, so it cannot attach on this hook"
         )
         return _Finding(Severity.ERROR, message, fixable_below=prio)
@@ -204,7 +205,7 @@ def _same_priority_finding(c: Classifier, prio: int) -> _Finding | None:
     message = (
         f"{describe(c)} shares Datadog's priority {prio}: Datadog's filter, added later, goes "
         "to the head of the list and runs first, until this vendor re-adds its filter; then "
-        f"it runs first and {_terminal_text(c)}"
+        f"it runs first and {terminal_text(c)}"
     )
     return _Finding(Severity.WARNING, message, fixable_below=prio)
 

@@ -1,12 +1,14 @@
 """What the kernel does with the value a classifier returns, on each kind of hook (pure).
 
-The rules follow the kernel sources (net/sched/cls_bpf.c, include/net/tcx.h) and were checked
-with run counters on a 6.18 kernel (see the shared platform notes).
+The rules follow the kernel sources (net/sched/cls_bpf.c, include/net/tcx.h, the actions of
+net/sched/act_api.c tcf_action_exec, u32_classify, __tcf_classify) and were checked with run
+counters on a 6.18 kernel (see the shared platform notes and tests/test_action_verdicts.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from tcprio.model import ClassifierVerdict, VerdictClass
 
@@ -54,6 +56,13 @@ TCX_HOOK_TERMINAL_VALUES = frozenset({TCX_PASS, TCX_DROP, TCX_REDIRECT})
 
 _UNKNOWN_REASON = "its return values could not be determined"
 
+# Extended control verdicts of actions (include/uapi/linux/pkt_cls.h).
+TC_ACT_EXT_VAL_MASK = (1 << 28) - 1
+TC_ACT_JUMP = 1 << 28
+TC_ACT_GOTO_CHAIN = 2 << 28
+TCA_ACT_MAX_PRIO = 32
+TCA_ACT_MAX_PRIO_MASK = 0x1FF
+
 
 def action_name(value: int) -> str:
     """TC_ACT_* name of a return value, or "value N" for one without a name."""
@@ -70,9 +79,7 @@ def describe_values(values: Iterable[int]) -> str:
     return ", ".join(describe_value(v) for v in sorted(values)) or "nothing"
 
 
-def _partly_terminal(
-    terminal: list[int], names: tuple[str, ...], ends: str
-) -> ClassifierVerdict:
+def _partly_terminal(terminal: list[int], names: tuple[str, ...], ends: str) -> ClassifierVerdict:
     """Some exits could not be determined, but one it reaches returns a chain-ending code."""
     return ClassifierVerdict(
         VerdictClass.TERMINAL,
@@ -115,13 +122,19 @@ def classify_clsact_classid(
     values: frozenset[int] | None,
     actions: tuple[str, ...] = (),
     partial: frozenset[int] = frozenset(),
+    controls: tuple[tuple[int, ...], ...] | None = None,
 ) -> ClassifierVerdict:
     """cls_bpf without direct-action: the return value is a class id, 0 meaning "no match".
 
     Any other value (-1 included: "use the filter's classid") is a match; the filter's actions
-    then run and give the verdict, TC_ACT_OK when there are none. With `values` None, a match
-    among the `partial` values of the known exits makes it terminal.
+    then run and give the verdict, TC_ACT_OK when there are none (a `continue` lets the next
+    filter run). With `values` None, a match among the `partial` values of the known exits
+    makes it terminal.
     """
+    if controls is not None and actions and _controls_known(actions, controls):
+        on_match = actions_verdict(actions, controls, "not direct-action: a match")
+        if on_match.verdict_class is not VerdictClass.TERMINAL:
+            return _classid_not_ending(values, on_match)
     if values is None:
         matches = sorted(v for v in partial if v != 0)
         if matches:
@@ -153,6 +166,19 @@ def classify_clsact_classid(
         reason=f"not direct-action: can match (returns {shown}); its actions ({kinds}) then "
         "give the verdict and end the clsact filter chain",
     )
+
+
+def _classid_not_ending(
+    values: frozenset[int] | None, on_match: ClassifierVerdict
+) -> ClassifierVerdict:
+    """A class-id filter whose actions never end the chain (or are not modelled): a program
+    that never matches is transparent whatever its actions; otherwise its actions decide."""
+    if on_match.verdict_class is VerdictClass.UNKNOWN and values == frozenset({0}):
+        return ClassifierVerdict(
+            VerdictClass.TRANSPARENT,
+            reason="returns only 0 (no match, not direct-action): the next filter always runs",
+        )
+    return on_match
 
 
 def _classid_text(value: int) -> str:
@@ -221,8 +247,20 @@ def classify_tcx_chain(values: frozenset[int] | None) -> ClassifierVerdict:
     )
 
 
-def classify_non_bpf_filter(kind: str, actions: tuple[str, ...] = ()) -> ClassifierVerdict:
-    """u32, flower, matchall, ...: a match runs the filter's actions and ends the chain."""
+def classify_non_bpf_filter(
+    kind: str,
+    actions: tuple[str, ...] = (),
+    controls: tuple[tuple[int, ...], ...] | None = None,
+    u32_terminal: bool | None = None,
+    u32_link: int | None = None,
+) -> ClassifierVerdict:
+    """u32, flower, matchall, ...: a match runs the filter's actions, whose result ends the
+    chain unless it is TC_ACT_UNSPEC (`continue`). Without the actions' `controls` (one per
+    action), every match is taken to end the chain."""
+    if controls is not None and _controls_known(actions, controls):
+        if kind == "u32" and u32_terminal is not None:
+            return classify_u32_key(actions, controls, u32_terminal, u32_link)
+        return actions_verdict(actions, controls, f"{kind} filter: a match")
     if actions:
         terminal = tuple(f"{a} action" for a in actions)
         how = f"with the verdict of its actions ({', '.join(actions)})"
@@ -234,3 +272,148 @@ def classify_non_bpf_filter(kind: str, actions: tuple[str, ...] = ()) -> Classif
         terminal_actions=terminal,
         reason=f"{kind} filter: ends the chain for the packets it matches, {how}",
     )
+
+
+# --- filter actions (tcf_action_exec) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ActionsOutcome:
+    """What a filter's actions can return on a match (tcf_action_exec), and which of the
+    actions they reach tcprio cannot model (their index)."""
+
+    results: frozenset[int]
+    unmodelled: frozenset[int] = frozenset()
+
+
+def _is_ext(value: int, opcode: int) -> bool:
+    return value & ~TC_ACT_EXT_VAL_MASK == opcode
+
+
+def _run_from(
+    controls: tuple[tuple[int, ...], ...], state: tuple[int, int, int], out: set[int]
+) -> tuple[list[tuple[int, int, int]], set[int]]:
+    """Run the actions from `start` on (`jumps` left, `last` the value returned before);
+    returns the restarts (`jump`) to explore and the unmodelled actions reached. Ends when an
+    action returns anything but TC_ACT_PIPE."""
+    start, jumps, last = state
+    restarts: list[tuple[int, int, int]] = []
+    if start >= len(controls):
+        out.add(last)  # a jump past every action: tcf_action_exec returns the jump itself
+        return restarts, set()
+    for index in range(start, len(controls)):
+        verdicts = controls[index]
+        if not verdicts:
+            return restarts, {index}
+        for value in verdicts:
+            if value == TC_ACT_REPEAT:
+                out.add(TC_ACT_OK)  # repeated 32 times, then "stop pipeline": TC_ACT_OK
+            elif _is_ext(value, TC_ACT_JUMP):
+                skip = value & TCA_ACT_MAX_PRIO_MASK
+                if not skip or skip > len(controls) or jumps <= 1:
+                    out.add(TC_ACT_OK)  # a faulty jump stops the pipeline with TC_ACT_OK
+                else:
+                    restarts.append((skip, jumps - 1, value))  # restart, `skip` skipped
+            elif value != TC_ACT_PIPE:
+                out.add(value)
+        if TC_ACT_PIPE not in verdicts:
+            return restarts, set()
+    out.add(TC_ACT_PIPE)  # the last action piped: tcf_action_exec returns TC_ACT_PIPE
+    return restarts, set()
+
+
+def actions_outcome(controls: tuple[tuple[int, ...], ...]) -> ActionsOutcome:
+    """What tcf_action_exec returns for actions with these verdicts (TC_ACT_OK without any)."""
+    if not controls:
+        return ActionsOutcome(frozenset({TC_ACT_OK}))
+    results: set[int] = set()
+    unmodelled: set[int] = set()
+    pending, seen = [(0, TCA_ACT_MAX_PRIO, TC_ACT_OK)], set()
+    while pending:
+        state = pending.pop()
+        if state in seen:
+            continue
+        seen.add(state)
+        restarts, missing = _run_from(controls, state, results)
+        pending.extend(restarts)
+        unmodelled |= missing
+    return ActionsOutcome(frozenset(results), frozenset(unmodelled))
+
+
+def describe_result(value: int) -> str:
+    if _is_ext(value, TC_ACT_GOTO_CHAIN):
+        return f"goto chain {value & TC_ACT_EXT_VAL_MASK}"
+    if value < 0:
+        return f"{describe_value(value)} (continue)" if value == TC_ACT_UNSPEC else f"value {value}"
+    return describe_value(value)
+
+
+def _result_name(value: int) -> str:
+    if _is_ext(value, TC_ACT_GOTO_CHAIN):
+        return f"goto chain {value & TC_ACT_EXT_VAL_MASK}"
+    return action_name(value)
+
+
+def _ending_note(ending: list[int]) -> str:
+    notes = []
+    if TC_ACT_PIPE in ending:
+        notes.append("TC_ACT_PIPE from the last action ends it too")
+    if any(_is_ext(v, TC_ACT_GOTO_CHAIN) for v in ending):
+        notes.append("a goto chain never comes back to this chain")
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
+def actions_verdict(
+    actions: tuple[str, ...], controls: tuple[tuple[int, ...], ...], what: str
+) -> ClassifierVerdict:
+    """What a match does to the filter chain: its actions' result ends the chain unless it is
+    negative (TC_ACT_UNSPEC: `continue`), which makes the classifier try its next key, then
+    the next filter (u32_classify, cls_bpf_classify, __tcf_classify). `what` starts the
+    reason ("u32 filter: a match")."""
+    outcome = actions_outcome(controls)
+    ending = sorted(v for v in outcome.results if v >= 0)
+    kinds = f"its actions ({', '.join(actions)})" if actions else "it has no actions:"
+    if ending:
+        shown = ", ".join(describe_result(v) for v in ending)
+        unsure = " (some of its actions are not modelled)" if outcome.unmodelled else ""
+        return ClassifierVerdict(
+            VerdictClass.TERMINAL,
+            terminal_actions=tuple(_result_name(v) for v in ending),
+            reason=f"{what} ends the clsact filter chain: {kinds} can return {shown}"
+            f"{_ending_note(ending)}{unsure}",
+        )
+    if outcome.unmodelled:
+        names = ", ".join(actions[i] for i in sorted(outcome.unmodelled) if i < len(actions))
+        return ClassifierVerdict(
+            VerdictClass.UNKNOWN,
+            reason=f"{what} runs actions whose verdict tcprio does not model ({names})",
+        )
+    shown = ", ".join(describe_result(v) for v in sorted(outcome.results))
+    return ClassifierVerdict(
+        VerdictClass.TRANSPARENT,
+        reason=f"{what} runs {kinds}, which only return {shown}: the next filter always runs",
+    )
+
+
+def _controls_known(actions: tuple[str, ...], controls: tuple[tuple[int, ...], ...]) -> bool:
+    return len(controls) == len(actions)
+
+
+def classify_u32_key(
+    actions: tuple[str, ...],
+    controls: tuple[tuple[int, ...], ...],
+    terminal: bool,
+    link: int | None = None,
+) -> ClassifierVerdict:
+    """One u32 key: without TC_U32_TERMINAL (no classid, no actions) a match never ends the
+    chain itself; with `link`, the keys of the linked hash table (listed on their own) decide."""
+    if not terminal:
+        if link is not None:
+            reason = (
+                f"u32 key linking to hash table {link >> 20:x}: the keys of that table decide;"
+                " this one has no classid or actions of its own"
+            )
+        else:
+            reason = "u32 key without classid or actions: a match does nothing"
+        return ClassifierVerdict(VerdictClass.TRANSPARENT, reason=f"{reason}, the next filter runs")
+    return actions_verdict(actions, controls, "u32 filter: a match")

@@ -28,12 +28,19 @@ NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 IFLA_IFNAME, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 18, 1
 IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS = 29, 1 << 3
 TCA_KIND, TCA_OPTIONS, TCA_CHAIN = 1, 2, 11
+TCA_INGRESS_BLOCK, TCA_EGRESS_BLOCK = 13, 14  # a qdisc's shared filter blocks
 TCA_BPF_CLASSID, TCA_BPF_NAME, TCA_BPF_FLAGS, TCA_BPF_TAG, TCA_BPF_ID = 3, 7, 8, 10, 11
 TCA_BPF_OPS = 5  # classic BPF: struct sock_filter[] (u16 code, u8 jt, u8 jf, u32 k)
 _SOCK_FILTER = struct.Struct("=HBBI")
 TCA_BPF_ACT = 1
-TCA_U32_DIVISOR = 4
-TCA_ACT_KIND = 1
+TCA_U32_LINK, TCA_U32_DIVISOR, TCA_U32_SEL = 3, 4, 5
+TC_U32_TERMINAL = 1  # struct tc_u32_sel.flags: a match runs the key's actions
+TC_U32_ROOT = 0xFFF00000  # a u32 handle meaning "this instance's root hash table"
+TCA_ACT_KIND, TCA_ACT_OPTIONS = 1, 2
+TCA_MIRRED_PARMS, TCA_GACT_PARMS, TCA_GACT_PROB = 2, 2, 3
+TCA_EGRESS_REDIR, TCA_INGRESS_REDIR = 1, 3  # struct tc_mirred.eaction
+TC_ACT_SHOT = 2
+NLM_F_ACK = 0x4
 
 # Per classifier kind: (attribute holding the class id, attribute holding the actions), from
 # the kernel's include/uapi/linux/pkt_cls.h.
@@ -53,8 +60,11 @@ _NLATTR = struct.Struct("=HH")
 _IFINFOMSG = struct.Struct("=BxHiII")
 _TCMSG = struct.Struct("=BxxxiIII")
 _U32 = struct.Struct("=I")
+_TC_GEN = struct.Struct("=IIiii")  # index, capab, action (the control verdict), refcnt, bindcnt
+_MIRRED_EACTION = struct.Struct("=i")  # after the tc_gen head of struct tc_mirred
+_GACT_PROB = struct.Struct("=HHi")  # struct tc_gact_p: ptype, pval, paction
 _LINK_ATTRS = frozenset({IFLA_IFNAME, IFLA_LINKINFO})
-_KIND_ONLY = frozenset({TCA_KIND})
+_QDISC_ATTRS = frozenset({TCA_KIND, TCA_INGRESS_BLOCK, TCA_EGRESS_BLOCK})
 _FILTER_ATTRS = frozenset({TCA_KIND, TCA_OPTIONS, TCA_CHAIN})
 RECV_BUFFER = 1 << 16
 MAX_DUMP_RETRIES = 5
@@ -109,6 +119,11 @@ def attr_list(data: bytes | memoryview) -> list[tuple[int, memoryview]]:
     return found
 
 
+def _signed(value: int) -> int:
+    """tcm_ifindex is a signed int: TCM_IFINDEX_MAGIC_BLOCK (0xFFFFFFFF) goes out as -1."""
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
 def as_str(payload: memoryview | None) -> str | None:
     if payload is None:
         return None
@@ -134,6 +149,8 @@ class Qdisc:
     handle: int
     parent: int
     kind: str | None
+    ingress_block: int | None = None  # shared blocks (`ingress_block N egress_block M`)
+    egress_block: int | None = None
 
 
 @dataclass(frozen=True)
@@ -176,10 +193,10 @@ class RtnlSocket:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _send(self, msg_type: int, body: bytes) -> int:
+    def _send(self, msg_type: int, body: bytes, flags: int = NLM_F_DUMP) -> int:
         self._seq += 1
         header = _NLMSGHDR.pack(
-            _NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, self._seq, 0
+            _NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | flags, self._seq, 0
         )
         self._sock.send(header + body)
         return self._seq
@@ -241,9 +258,44 @@ class RtnlSocket:
             if msg_type != RTM_NEWQDISC or len(body) < _TCMSG.size:
                 continue
             _family, ifindex, handle, parent, _info = _TCMSG.unpack_from(body)
-            kind = as_str(parse_attrs(body, _TCMSG.size, _KIND_ONLY).get(TCA_KIND))
-            found.append(Qdisc(ifindex, handle, parent, kind))
+            attrs = parse_attrs(body, _TCMSG.size, _QDISC_ATTRS)
+            found.append(
+                Qdisc(
+                    ifindex,
+                    handle,
+                    parent,
+                    as_str(attrs.get(TCA_KIND)),
+                    as_u32(attrs.get(TCA_INGRESS_BLOCK)) or None,
+                    as_u32(attrs.get(TCA_EGRESS_BLOCK)) or None,
+                )
+            )
         return found
+
+    def u32_root(self, ifindex: int, parent: int, chain: int, info: int) -> int | None:
+        """The handle of the root hash table of one u32 instance (chain, priority and protocol
+        as in `info`), or None when the kernel has no such instance.
+
+        A u32 dump lists every hash table of the qdisc (both directions, every chain) at the
+        instance's priority: only what its root reaches is the instance's own."""
+        kind = b"u32\0"
+        body = (
+            _TCMSG.pack(socket.AF_UNSPEC, _signed(ifindex), TC_U32_ROOT, parent, info)
+            + _NLATTR.pack(_NLATTR.size + len(kind), TCA_KIND)
+            + kind
+            + _NLATTR.pack(8, TCA_CHAIN)
+            + _U32.pack(chain)
+        )
+        seq = self._send(RTM_GETTFILTER, body, NLM_F_ACK)
+        root = None
+        try:
+            for msg_type, _flags, reply in self._replies(seq):  # the filter, then the ack
+                if msg_type == RTM_NEWTFILTER and len(reply) >= _TCMSG.size:
+                    root = _TCMSG.unpack_from(reply)[2]
+        except NetlinkError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP):
+                return None
+            raise
+        return root
 
     def filters(self, ifindex: int, parent: int) -> list[FilterMessage]:
         """The filters of one hook, in the kernel's dump order (every chain)."""
@@ -281,6 +333,56 @@ def action_kinds(options: dict[int, memoryview], kind: str) -> tuple[str, ...]:
         if name:
             kinds.append(name)
     return tuple(kinds)
+
+
+def _action_verdicts(kind: str | None, options: dict[int, memoryview]) -> tuple[int, ...]:
+    """What one action can return, from its parameters; () when tcprio does not model it.
+
+    mirred returns its control verdict (`pipe`, `continue`, ... in the tc_gen head of struct
+    tc_mirred), a redirect TC_ACT_SHOT too when the device is down or gone; gact its control,
+    or the one of its random branch (tc_act_mirred.c / act_gact.c). Other actions may drop a
+    packet they fail to edit whatever their control says: not modelled."""
+    if kind not in ("mirred", "gact"):
+        return ()
+    parms = options.get(TCA_MIRRED_PARMS if kind == "mirred" else TCA_GACT_PARMS)
+    if parms is None or len(parms) < _TC_GEN.size:
+        return ()
+    control = _TC_GEN.unpack_from(parms)[2]
+    found = [control]
+    if kind == "mirred" and len(parms) >= _TC_GEN.size + _MIRRED_EACTION.size:
+        eaction = _MIRRED_EACTION.unpack_from(parms, _TC_GEN.size)[0]
+        if eaction in (TCA_EGRESS_REDIR, TCA_INGRESS_REDIR):
+            found.append(TC_ACT_SHOT)
+    prob = options.get(TCA_GACT_PROB) if kind == "gact" else None
+    if prob is not None and len(prob) >= _GACT_PROB.size:
+        found.append(_GACT_PROB.unpack_from(prob)[2])
+    return tuple(dict.fromkeys(found))
+
+
+def action_controls(options: dict[int, memoryview], kind: str) -> tuple[tuple[int, ...], ...]:
+    """Per action attached to a filter, in order: the verdicts it can return (see
+    `_action_verdicts`); aligned with `action_kinds`."""
+    act_attr = KIND_ATTRS.get(kind, (None, None))[1]
+    actions = options.get(act_attr) if act_attr is not None else None
+    if actions is None:
+        return ()
+    found = []
+    for _index, action in sorted(attr_list(actions), key=lambda item: item[0]):
+        attrs = parse_attrs(action)
+        name = as_str(attrs.get(TCA_ACT_KIND))
+        if name:
+            act_options = attrs.get(TCA_ACT_OPTIONS)
+            parsed = parse_attrs(act_options) if act_options is not None else {}
+            found.append(_action_verdicts(name, parsed))
+    return tuple(found)
+
+
+def u32_terminal(options: dict[int, memoryview]) -> bool | None:
+    """Whether a u32 key runs its actions on a match (TC_U32_TERMINAL in its selector)."""
+    selector = options.get(TCA_U32_SEL)
+    if selector is None or len(selector) < 1:
+        return None
+    return bool(selector[0] & TC_U32_TERMINAL)
 
 
 def classid(options: dict[int, memoryview], kind: str) -> int | None:

@@ -53,7 +53,11 @@ def filter_from_message(msg: FilterMessage, position: int) -> TcFilter | None:
         "position": position,
         "classid": rtnetlink.classid(options, kind),
         "actions": rtnetlink.action_kinds(options, kind),
+        "action_controls": rtnetlink.action_controls(options, kind),
     }
+    if kind == "u32" and msg.options is not None:
+        link = rtnetlink.as_u32(options.get(rtnetlink.TCA_U32_LINK))
+        return TcFilter(**common, u32_terminal=rtnetlink.u32_terminal(options), u32_link=link)
     if kind != "bpf" or msg.options is None:
         return TcFilter(**common)
     flags = rtnetlink.as_u32(options.get(rtnetlink.TCA_BPF_FLAGS)) or 0
@@ -77,13 +81,59 @@ def filters_from_messages(messages: Iterable[FilterMessage]) -> tuple[TcFilter, 
     return tuple(filters)
 
 
-def _hook_qdiscs(rtnl: RtnlSocket) -> dict[int, str]:
-    """ifindex -> "clsact" or "ingress", for every interface that has one of them."""
+def _hook_qdiscs(rtnl: RtnlSocket) -> dict[int, rtnetlink.Qdisc]:
+    """ifindex -> its clsact or ingress qdisc, for every interface that has one of them."""
     return {
-        q.ifindex: q.kind
+        q.ifindex: q
         for q in rtnl.qdiscs()
         if q.parent == TC_H_CLSACT and q.kind in ("clsact", "ingress")
     }
+
+
+def _block(qdisc: rtnetlink.Qdisc | None, direction: Direction) -> int | None:
+    if qdisc is None:
+        return None
+    return qdisc.ingress_block if direction is Direction.INGRESS else qdisc.egress_block
+
+
+U32_HTID_MASK = 0xFFF00000
+
+
+def _u32_reachable(messages: list[FilterMessage], root: int) -> set[int]:
+    """The hash tables (htid) a u32 instance's root reaches through the `link`s of its keys."""
+    tables, pending = set(), [root & U32_HTID_MASK]
+    while pending:
+        table = pending.pop()
+        if table in tables:
+            continue
+        tables.add(table)
+        for msg in messages:
+            link = rtnetlink.as_u32((msg.options or {}).get(rtnetlink.TCA_U32_LINK))
+            if link and msg.handle & U32_HTID_MASK == table:
+                pending.append(link & U32_HTID_MASK)
+    return tables
+
+
+def _own_u32_entries(
+    rtnl: RtnlSocket, ifindex: int, parent: int, messages: list[FilterMessage]
+) -> list[FilterMessage]:
+    """The dump without the u32 keys another instance owns.
+
+    u32 hash tables belong to the qdisc (or the shared block), not to one instance: the dump of
+    each u32 instance lists every table at its priority, the other direction's and other
+    chains' included. A key is the instance's own when its root table reaches the key's."""
+    groups: dict[tuple[int, int], list[FilterMessage]] = {}
+    for msg in messages:
+        if msg.kind == "u32" and msg.options is not None:
+            groups.setdefault((msg.chain or 0, msg.info), []).append(msg)
+    foreign: set[int] = set()
+    for (chain, info), group in groups.items():
+        root = rtnl.u32_root(ifindex, parent, chain, info)
+        if root is None:
+            continue  # the instance went meanwhile: keep what the dump showed
+        tables = _u32_reachable(group, root)
+        foreign.update(id(m) for m in group if m.handle & U32_HTID_MASK not in tables)
+    return [m for m in messages if id(m) not in foreign]
 
 
 def _read_tcx(ifindex: int, direction: Direction) -> tuple[tuple[TcxEntry, ...], str | None]:
@@ -97,20 +147,44 @@ def _read_tcx(ifindex: int, direction: Direction) -> tuple[tuple[TcxEntry, ...],
         return (), f"tcx query failed: {exc}"
 
 
+TCM_IFINDEX_MAGIC_BLOCK = 0xFFFFFFFF  # tcm_ifindex naming a shared block (its index in parent)
+
+
+def _read_filters(
+    rtnl: RtnlSocket, ifindex: int, direction: Direction, block: int | None
+) -> tuple[TcFilter, ...]:
+    parent = PARENT_BY_DIRECTION[direction]
+    messages = rtnl.filters(ifindex, parent)
+    if any(m.kind == "u32" for m in messages):
+        # A shared block answers requests other than dumps by its index only.
+        target = (TCM_IFINDEX_MAGIC_BLOCK, block) if block else (ifindex, parent)
+        messages = _own_u32_entries(rtnl, *target, messages)
+    return filters_from_messages(messages)
+
+
 def _read_hook(
-    rtnl: RtnlSocket, ifindex: int, qdisc: str | None, direction: Direction
+    rtnl: RtnlSocket,
+    ifindex: int,
+    qdisc: str | None,
+    direction: Direction,
+    block: int | None = None,
 ) -> HookInventory:
     hook_qdisc = qdisc if (qdisc == "clsact" or direction is Direction.INGRESS) else None
     tcx, error = _read_tcx(ifindex, direction)
     filters: tuple[TcFilter, ...] = ()
     if hook_qdisc is not None:
         try:
-            filters = filters_from_messages(rtnl.filters(ifindex, PARENT_BY_DIRECTION[direction]))
+            filters = _read_filters(rtnl, ifindex, direction, block)
         except NetlinkError as exc:
             if exc.errno != errno.ENODEV:
                 error = f"filter dump failed: {exc}"
     return HookInventory(
-        direction=direction, qdisc=hook_qdisc, filters=filters, tcx=tcx, error=error
+        direction=direction,
+        qdisc=hook_qdisc,
+        filters=filters,
+        tcx=tcx,
+        error=error,
+        block=block if hook_qdisc is not None else None,
     )
 
 
@@ -120,8 +194,10 @@ def read_current_namespace(ns: NetNamespace) -> NamespaceInventory:
         qdiscs = _hook_qdiscs(rtnl)
         interfaces = []
         for link in rtnl.links():
+            qdisc = qdiscs.get(link.ifindex)
+            kind = qdisc.kind if qdisc is not None else None
             hooks = tuple(
-                _read_hook(rtnl, link.ifindex, qdiscs.get(link.ifindex), direction)
+                _read_hook(rtnl, link.ifindex, kind, direction, _block(qdisc, direction))
                 for direction in Direction
             )
             interfaces.append(
@@ -154,7 +230,9 @@ def _interface_qdisc(interface: Interface) -> str | None:
 def _refreshed(rtnl: RtnlSocket, interface: Interface, directions: set[Direction]) -> Interface:
     qdisc = _interface_qdisc(interface)
     hooks = tuple(
-        _read_hook(rtnl, interface.ifindex, qdisc, h.direction) if h.direction in directions else h
+        _read_hook(rtnl, interface.ifindex, qdisc, h.direction, h.block)
+        if h.direction in directions
+        else h
         for h in interface.hooks
     )
     return replace(interface, hooks=hooks)

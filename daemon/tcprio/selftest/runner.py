@@ -321,6 +321,17 @@ def _remedy_problems(conflict, recommended: int | None) -> list[str]:
     return []
 
 
+def _shadowing_problems(scan: Scan, names: set[str]) -> list[str]:
+    """Only Datadog-named observers sit behind the scene's terminal classifiers: they are
+    conflicts, and the hidden-classifier findings must not repeat them."""
+    return [
+        f"reported hidden besides the conflict on {s.namespace}/{s.interface} {s.direction}: "
+        f"{s.message}"
+        for s in scan.result.shadowings
+        if s.namespace in names
+    ]
+
+
 def check_conflicts(scene: Scene, scan: Scan, priority: int) -> StepResult:
     names = {scene.node_ns, scene.pod_ns}
     raised = [c for c in scan.result.conflicts if c.namespace in names]
@@ -342,13 +353,15 @@ def check_conflicts(scene: Scene, scan: Scan, priority: int) -> StepResult:
         )
     for c in raised:
         problems += _remedy_problems(c, recommended)
+    problems += _shadowing_problems(scan, names)
     counts = ", ".join(
         f"{sum(1 for e in expected if e.severity == s)} {s}" for s in ("critical", "error")
     )
     rec = "none possible" if recommended is None else str(recommended)
     return _step(
         "raises exactly the expected conflicts",
-        f"{counts}; remedies attached; recommended classifier_priority {rec}",
+        f"{counts}; remedies attached; recommended classifier_priority {rec}; no observer "
+        "hidden reported twice",
         problems,
         f"{len(raised)} conflicts raised, {len(expected)} expected",
     )

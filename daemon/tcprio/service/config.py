@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from tcprio.analysis.shadowing import ObserverRule
 from tcprio.inputs import ConfigReadError, brief, label_of, load_yaml
 from tcprio.kernel.files import read_bytes_checked
 
@@ -40,6 +41,10 @@ class Observer:
     programs: tuple[str, ...] = ()  # globs on program names
     filters: tuple[str, ...] = ()  # globs on cls_bpf filter names
     priority: int | None = None  # where it attaches when it is not attached yet
+
+    def rule(self) -> ObserverRule:
+        """What the analysis needs to recognise it (analysis/shadowing.py)."""
+        return ObserverRule(self.name, self.programs, self.filters)
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,10 @@ class DaemonConfig:
     live_probe: bool = True
     log_level: str = "info"
     source: str = "defaults"
+
+    @property
+    def observer_rules(self) -> tuple[ObserverRule, ...]:
+        return tuple(o.rule() for o in self.observers)
 
     @property
     def listen_address(self) -> str:

@@ -28,17 +28,15 @@ from tcprio.analysis import vendors
 from tcprio.analysis.churn import diff_inventories
 from tcprio.analysis.semantics import action_name
 from tcprio.analysis.starvation import starved_hooks
-from tcprio.analysis.verdicts import AnalysisLimits
 from tcprio.datadog import resolve_settings
 from tcprio.kernel import bpf_syscalls
 from tcprio.kernel.namespaces import (
     NAMED_NETNS_DIRS,
     NamespaceGone,
     discover_namespaces,
-    entered,
     unmounted_named_files,
 )
-from tcprio.kernel.tc_inventory import PARENT_BY_DIRECTION, read_namespace, refresh_hooks
+from tcprio.kernel.tc_inventory import read_namespace, refresh_hooks
 from tcprio.model import (
     DatadogSettings,
     Direction,
@@ -47,25 +45,22 @@ from tcprio.model import (
     RunStats,
     TcFilter,
 )
-from tcprio.scan import ProgramCache, analyse_node, inventory_errors
+from tcprio.scan import ProgramCache, analyse_node, attached_program_ids, inventory_errors
 from tcprio.service import sd_notify
+from tcprio.service.background import BackgroundAnalysis, Finished
 from tcprio.service.config import ConfigError, DaemonConfig, load_config, with_overrides
 from tcprio.service.endpoint import Endpoint
+from tcprio.service.linkless_tcx import LinklessTcxWatch
 from tcprio.service.metrics import MetricsRenderer
 from tcprio.service.prog_arrays import ProgArrayWatch
 from tcprio.service.snapshot import Counters, LiveKey, ProbeState, Snapshot
+from tcprio.service.tcx_links import DIRECTION_BY_PARENT, TcxLinks
 from tcprio.service.watch import NamespaceWatch, NetnsFolderWatch, ProcessExitWatch, TcEvent
 
 NsKey = tuple[int, int]
 STALL_AFTER_S = 30.0
-# A program's verdict is cached; a pathological one gives up (unknown) rather than hold the
-# event loop, and with it /healthz and systemd's 30 s watchdog.
-ANALYSIS_SECONDS_PER_PROGRAM = 2.0
-TCX_RECHECK_S = 1.0  # a tcx link change: hooks read again until they show it, this long
 SETTLE_STEPS_S = (0.05, 0.2, 1.0)  # extra sweeps after a netns folder event
 SETTLE_WINDOW_S = 5.0  # for at most this long after the folder changed
-DIRECTION_BY_PARENT = {0xFFFFFFF2: "ingress", 0xFFFFFFF3: "egress", 0xFFFF0000: "ingress"}
-TCX_PARENT = {bpf_syscalls.BPF_TCX_INGRESS: 0xFFFFFFF2, bpf_syscalls.BPF_TCX_EGRESS: 0xFFFFFFF3}
 
 
 def release_memory() -> None:
@@ -140,7 +135,7 @@ def selected(namespaces: Iterable[NetNamespace], config: DaemonConfig) -> list[N
     return [ns for ns in namespaces if wanted(ns)]
 
 
-class Daemon:
+class Daemon(TcxLinks):
     def __init__(self, config: DaemonConfig, config_path: Path, listen_override: str | None):
         self.config = config
         self.config_path = config_path
@@ -150,7 +145,9 @@ class Daemon:
         self.selector = selectors.DefaultSelector()
         self.watched: dict[NsKey, Watched] = {}
         self.inventories: dict[NsKey, NamespaceInventory] = {}
-        self.cache = ProgramCache(AnalysisLimits(max_seconds=ANALYSIS_SECONDS_PER_PROGRAM))
+        # Verdicts are cached per program; new programs are analysed on the analysis thread
+        # (each within the analysis' work bound) while the loop goes on.
+        self.cache = ProgramCache()
         self.counters = Counters()
         self.datadog: DatadogSettings | None = None
         self.snapshot = Snapshot.empty(self.kernel)
@@ -167,12 +164,14 @@ class Daemon:
         self.tcx_rechecks: dict[int, tuple[int, int, float]] = {}
         self.run_history: list[tuple[float, dict[int, RunStats]]] = []
         self.prog_arrays = ProgArrayWatch()
+        self.linkless_tcx = LinklessTcxWatch()
         self.probe = ProbeState(False, "none", "live probe not started")
         self.stats_fd: int | None = None
         self.live_probe = None  # a tcprio.live_probe.LiveProbe when the kernel lets it attach
         self.endpoint: Endpoint | None = None
         self.folder_watch: NetnsFolderWatch | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.analysis = BackgroundAnalysis(self.cache, self._wake_w)
         # the watchdog timer only runs under systemd with WatchdogSec= (else it would spin)
         watchdog = 0.0 if sd_notify.watchdog_interval() is not None else float("inf")
         self._timers = {
@@ -298,6 +297,7 @@ class Daemon:
         if self.live_probe is not None:
             self.live_probe.close()
         signal.set_wakeup_fd(-1)
+        self.analysis.close()
         self.selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -316,6 +316,9 @@ class Daemon:
         self.heartbeat = now
         for key, _mask in self.selector.select(timeout=min(self._next_deadline(now), 1.0)):
             self._guarded(self._dispatch, *key.data)
+        finished = self.analysis.collect()
+        if finished is not None:
+            self._guarded(self._analysed, finished)
         if self.reload_requested:
             self.reload_requested = False
             self._guarded(self.reload)
@@ -560,8 +563,16 @@ class Daemon:
         if gone:
             self.counters.forget(namespace, gone)
 
-    def flush(self, kind: str = "incremental") -> None:
-        started = time.monotonic()
+    def _analysed(self, finished: Finished) -> None:
+        if finished.error is not None:
+            self.counters.scan_errors["analyse"] += 1
+            self.log("error", "analysis failed", error=finished.error)
+        self.flush(finished.kind, finished.started)
+
+    def flush(self, kind: str = "incremental", started: float | None = None) -> None:
+        """Read the dirty namespaces again and publish; when programs are new, their analysis
+        runs on the analysis thread first and the flush runs again when it ends."""
+        started = time.monotonic() if started is None else started
         for count, key in enumerate(list(self.dirty), start=1):
             self._reread(key)
             if count % 25 == 0:
@@ -574,7 +585,14 @@ class Daemon:
             return
         inventories = list(self.inventories.values())
         try:
-            node = analyse_node(inventories, self.datadog, self.cache)
+            roots = attached_program_ids(inventories)
+            catalogue = self.cache.catalogue(roots)
+            if self.analysis.defer(catalogue, roots, kind, started):
+                return  # published when the analysis thread is done
+            node = analyse_node(
+                inventories, self.datadog, self.cache, observers=self.config.observer_rules,
+                catalogue=catalogue,
+            )  # fmt: skip
         except Exception as exc:  # keep serving the last good state
             self.counters.scan_errors["analyse"] += 1
             self.log("error", "analysis failed", error=f"{type(exc).__name__}: {exc}")
@@ -615,108 +633,27 @@ class Daemon:
         except OSError:
             links = self.link_ids
         changed: list[tuple[int, int, int]] = []
+        other_links = False  # freplace links among them: they change what programs run
         if links != self.link_ids:
             changed = self._tcx_hooks_changed(links)
             self.log("debug", "bpf links changed", appeared=sorted(links - self.link_ids),
                      went=sorted(self.link_ids - links), tcx=[c[0] for c in changed])  # fmt: skip
+            other_links = bool((links ^ self.link_ids) - {c[0] for c in changed})
             self.link_ids = links
         if changed:
             self._mark_tcx_hooks(changed)
         self._mark_tcx_shown_but_gone(links)
         self._recheck_tcx(changed)
+        for key, events in self.linkless_tcx.changed(self.inventories, self.watched).items():
+            self.watched[key].pending.extend(events)  # attached without a link: no event
+            self._mark_dirty(key)
         changed = self.prog_arrays.changed()
         if changed is not None:
             self.log("debug", "prog array changed", map_id=changed)
-            self.flush()  # same inventories; the catalogue reads the prog arrays afresh
+        if changed is not None or other_links:
+            # same inventories; the catalogue reads the prog arrays and freplace links afresh
+            self.flush()
         self._refresh_run_stats()
-
-    def _mark_tcx_shown_but_gone(self, links: frozenset[int]) -> None:
-        """A link attached and closed between two polls never shows in the list's diff: read
-        again every hook that still shows a link the list no longer has."""
-        for key, inventory in self.inventories.items():
-            if key not in self.watched:
-                continue
-            events = [
-                TcEvent("tcx-change", ifindex=interface.ifindex,
-                        parent=PARENT_BY_DIRECTION[hook.direction])
-                for interface in inventory.interfaces
-                for hook in interface.hooks
-                if any(t.link_id is not None and t.link_id not in links for t in hook.tcx)
-            ]  # fmt: skip
-            if events:
-                self.watched[key].pending.extend(events)
-                self._mark_dirty(key)
-
-    def _shows_link(self, link: int) -> bool:
-        return any(
-            t.link_id == link
-            for inventory in self.inventories.values()
-            for interface in inventory.interfaces
-            for hook in interface.hooks
-            for t in hook.tcx
-        )
-
-    def _recheck_tcx(self, changed: list[tuple[int, int, int]]) -> None:
-        """The kernel frees a tcx link's id before it detaches the program, and gives a new link
-        its id before it attaches it (a synchronize_rcu apart, long under load): a hook read in
-        between still shows the old chain. Read such hooks again until they agree with the
-        link list, for TCX_RECHECK_S at most."""
-        now = time.monotonic()
-        for link, ifindex, parent in changed:
-            self.tcx_rechecks[link] = (ifindex, parent, now + TCX_RECHECK_S)
-        fresh = {link for link, _, _ in changed}
-        stale = []
-        for link, (ifindex, parent, until) in list(self.tcx_rechecks.items()):
-            if link in fresh:
-                continue
-            if now > until or self._shows_link(link) == (link in self.link_ids):
-                del self.tcx_rechecks[link]
-            else:
-                stale.append((link, ifindex, parent))
-        if stale:
-            self.log("debug", "tcx hooks read again", links=[s[0] for s in stale])
-            self._mark_tcx_hooks(stale)
-
-    def _tcx_hooks_changed(self, links: frozenset[int]) -> list[tuple[int, int, int]]:
-        """(link id, ifindex, parent) of the tcx links that appeared or went."""
-        changed = [(link, *self.tcx_links.pop(link)) for link in self.link_ids - links
-                   if link in self.tcx_links]  # fmt: skip
-        for link in links - self.link_ids:
-            try:
-                info = bpf_syscalls.link_info(link)
-            except OSError:
-                continue
-            parent = TCX_PARENT.get(info.attach_type or 0)
-            if info.type == bpf_syscalls.BPF_LINK_TYPE_TCX and info.ifindex and parent:
-                self.tcx_links[link] = (info.ifindex, parent)
-                changed.append((link, info.ifindex, parent))
-        return changed
-
-    def _holds_link(self, key: NsKey, link: int, ifindex: int, parent: int) -> bool:
-        """Whether namespace `key` has (or had, at its last reading) tcx link `link`."""
-        inventory = self.inventories[key]
-        if any(t.link_id == link for i in inventory.interfaces for h in i.hooks for t in h.tcx):
-            return True  # a link that went: our last reading shows where it was
-        direction = Direction(DIRECTION_BY_PARENT[parent])
-        try:  # a new link names its interface by index only: ask the candidate namespace
-            with entered(self.watched[key].namespace):
-                return any(t.link_id == link for t in bpf_syscalls.tcx_query(ifindex, direction))
-        except (OSError, NamespaceGone):
-            return False
-
-    def _mark_tcx_hooks(self, changed: list[tuple[int, int, int]]) -> None:
-        for key, inventory in self.inventories.items():
-            if key not in self.watched:
-                continue
-            present = {i.ifindex for i in inventory.interfaces}
-            events = [
-                TcEvent("tcx-change", ifindex=ifindex, parent=parent)
-                for link, ifindex, parent in changed
-                if ifindex in present and self._holds_link(key, link, ifindex, parent)
-            ]
-            if events:
-                self.watched[key].pending.extend(events)
-                self._mark_dirty(key)
 
     def _refresh_run_stats(self) -> None:
         stats: dict[int, RunStats] = {}

@@ -7,6 +7,7 @@ holds, so the series of vanished namespaces and interfaces disappear by themselv
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 from prometheus_client import generate_latest
@@ -99,6 +100,30 @@ def conflict_metrics(snap: Snapshot) -> Iterator[Metric]:
             "The classifier_priority that fixes every fixable conflict of the node at once",
             value=snap.result.recommended_priority,
         )
+
+
+SHADOWED_LABELS = [
+    "namespace", "interface", "direction", "kind", "severity", "hidden_vendor", "blocker_vendor",
+]  # fmt: skip
+
+
+def shadowing_metrics(snap: Snapshot) -> Iterator[Metric]:
+    """Hidden classifiers other than Datadog's, counted by hook, kind and the two vendors (no
+    program ids or names: a pod's programs change on every restart, its vendors do not)."""
+    counts: Counter[tuple[str, ...]] = Counter()
+    for s in snap.result.shadowings:
+        key = (s.namespace, s.interface, str(s.direction), str(s.kind), str(s.severity),
+               s.hidden_label, s.blocker.vendor or "")  # fmt: skip
+        counts[key] += 1
+    gauge = GaugeMetricFamily(
+        f"{PREFIX}_shadowed_classifiers",
+        "Classifiers other than Datadog's that one before them on their hook may hide "
+        "(kind: observer_hidden, policy_bypass, hidden)",
+        labels=SHADOWED_LABELS,
+    )
+    for key, n in sorted(counts.items()):
+        gauge.add_metric(list(key), n)
+    yield gauge
 
 
 def _setting_gauge(name: str, doc: str, setting: Setting | None) -> Iterator[Metric]:
@@ -252,7 +277,8 @@ def daemon_metrics(snap: Snapshot) -> Iterator[Metric]:
 # Families that change only when the daemon publishes a new analysis, and those that move
 # with every poll of the run counters: the first are rendered once per analysis.
 ANALYSIS_FAMILIES = (
-    daemon_metrics, classifier_metrics, conflict_metrics, datadog_metrics, churn_metrics,
+    daemon_metrics, classifier_metrics, conflict_metrics, shadowing_metrics, datadog_metrics,
+    churn_metrics,
 )  # fmt: skip
 LIVE_FAMILIES = (run_metrics,)
 

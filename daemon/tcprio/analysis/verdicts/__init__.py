@@ -6,10 +6,13 @@ BPF-to-BPF calls and tail calls, and reports a path as unknown whenever it canno
 
 The modules: `opcodes` (the instruction encoding), `domain` (abstract values, the stack, the
 machine state, arithmetic, the refinement by conditional jumps), `images` (programs decoded, with
-their blocks), `interpreter` (the analysis itself, its limits and the results) and `tail_calls`
-(following tail calls). Callers use the names below.
+their blocks), `interpreter` (the analysis itself, its limits and the results), `tail_calls`
+(following tail calls), `explain` (the lines of --explain) and `sharing` (one analysis for
+programs that differ only in constants). Callers use the names below.
 """
 
-from tcprio.analysis.verdicts.interpreter import AnalysisLimits, analyse_program, explain
+from tcprio.analysis.verdicts.explain import explain
+from tcprio.analysis.verdicts.interpreter import AnalysisLimits, analyse_program
+from tcprio.analysis.verdicts.sharing import SharedVerdicts
 
-__all__ = ["AnalysisLimits", "analyse_program", "explain"]
+__all__ = ["AnalysisLimits", "SharedVerdicts", "analyse_program", "explain"]

@@ -5,11 +5,9 @@ programs, one basic block at a time, through BPF-to-BPF calls, helper calls and 
 from __future__ import annotations
 
 import heapq
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tcprio.analysis.semantics import describe_values
 from tcprio.analysis.verdicts.domain import (
     Consts,
     Ctx,
@@ -39,6 +37,7 @@ from tcprio.analysis.verdicts.domain import (
     uninit_regs,
     unknown_from,
 )
+from tcprio.analysis.verdicts.freplace import Replacements
 from tcprio.analysis.verdicts.helpers import (
     CALLBACK_HELPERS,
     VERDICT_HELPERS,
@@ -46,7 +45,13 @@ from tcprio.analysis.verdicts.helpers import (
     reads_its_arguments_only,
     verdict_helper_result,
 )
-from tcprio.analysis.verdicts.images import Image, Insn, decode, jump_target
+from tcprio.analysis.verdicts.images import (
+    Image,
+    Insn,
+    decode,
+    jump_target,
+    with_unknown_immediates,
+)
 from tcprio.analysis.verdicts.opcodes import (
     ALU,
     ALU64,
@@ -103,6 +108,14 @@ from tcprio.model import ExitPath, MapInfo, ProgramInfo, ProgramVerdicts
 # itself adds when it inlines bpf_loop or rewrites may_goto. The verifier refuses a store beyond
 # it; the analysis does too, so that garbage offsets cannot make the stack (and each state) huge.
 STACK_FRAME_BYTES = 512 + 64
+# Units of work (AnalysisLimits.max_work) besides one per instruction: a join compares every
+# register of every frame and every stack slot; a state handed on to a block, and a helper
+# call, cost about ten instructions each (measured: with these weights a unit costs 0.6 to
+# 1.1 us on the costliest shapes found, a call fan-out joining wide states and one calling
+# helpers between its calls).
+STATE_REGISTERS = 12  # r0 .. r10 and AX
+PROPAGATE_WORK = 10
+HELPER_CALL_WORK = 10
 
 
 @dataclass(frozen=True)
@@ -113,9 +126,11 @@ class AnalysisLimits:
     max_programs: int = 64  # distinct programs followed through tail calls
     max_contexts: int = 4096  # (call stack, program) pairs analysed separately
     max_values: int = 32  # known values per register before it becomes Unknown
-    # Wall-clock time per program, None for none. The visit budget alone bounds a pathological
-    # program at tens of seconds: the daemon's event loop (and systemd's watchdog) cannot wait.
-    max_seconds: float | None = None
+    # Work per root program, in deterministic units: one per instruction interpreted, plus one
+    # per register or stack slot compared when two states meet. It bounds what the visits
+    # alone do not (wide states joined at every call site), so the same program gets the same
+    # verdict on a busy node as on an idle one; at most about 3 s of analysis on one core here.
+    max_work: int = 3_000_000
 
 
 # --- the interpreter -----------------------------------------------------------------------
@@ -125,7 +140,7 @@ class _Abort(Exception):
     """A global limit was reached: the analysis stops and the result is unknown."""
 
 
-class _Analysis(TailCalls):
+class _Analysis(TailCalls, Replacements):
     def __init__(
         self,
         root: int,
@@ -133,8 +148,10 @@ class _Analysis(TailCalls):
         maps: Mapping[int, MapInfo],
         helper_names: Mapping[int, str],
         limits: AnalysisLimits,
+        unknown_immediates: Mapping[int, frozenset[int]] | None = None,
     ) -> None:
         self.root = root
+        self.unknown_immediates = unknown_immediates or {}
         self.programs = programs
         self.maps = maps
         self.helper_names = helper_names
@@ -152,9 +169,7 @@ class _Analysis(TailCalls):
         self.unknown_paths: dict[tuple[int, int], str] = {}
         self.global_reasons: list[str] = []
         self.visits = 0
-        self.deadline = (
-            None if limits.max_seconds is None else time.monotonic() + limits.max_seconds
-        )
+        self.other_work = 0  # joins, states handed on, helper calls (see STATE_REGISTERS)
 
     # -- driver --
 
@@ -170,11 +185,11 @@ class _Analysis(TailCalls):
         if not info.insns:
             self.global_reasons.append(f"program {self.root} has no instructions")
             return
-        self.images[self.root] = decode(info.insns)
+        self.images[self.root] = self._decode(self.root, info)
         self.tail_depth[self.root] = 0
         regs = uninit_regs(0)
         regs[1] = Unknown("is the context pointer")
-        self._propagate(((), self.root, 0), 0, State(tuple(regs), {}, ()))
+        self._enter((), self.root, 0, State(tuple(regs), {}, ()), None)  # or its EXT program
         try:
             while self.queue:
                 node = heapq.heappop(self.queue)
@@ -185,6 +200,11 @@ class _Analysis(TailCalls):
             return
         if not self.exits and not self.unknown_paths:
             self.global_reasons.append("no reachable exit was found")
+
+    def _decode(self, prog: int, info: ProgramInfo) -> Image:
+        image = decode(info.insns)
+        pcs = self.unknown_immediates.get(prog)
+        return with_unknown_immediates(image, pcs) if pcs else image
 
     def _context_id(self, ctx: Ctx, prog: int, pc: int) -> int | None:
         found = self.context_ids.get(ctx)
@@ -211,9 +231,12 @@ class _Analysis(TailCalls):
             return
         node = (ci, pc)
         old = self.states.get(node)
+        self.other_work += PROPAGATE_WORK
         if old is None:
             self.states[node] = state
         else:
+            self.other_work += STATE_REGISTERS * (1 + len(state.frames)) + len(state.stack)
+            self._check_work()
             merged = join_states(old, state, self.cap)
             if merged is None:
                 return
@@ -221,6 +244,16 @@ class _Analysis(TailCalls):
         if node not in self.queued:
             self.queued.add(node)
             heapq.heappush(self.queue, node)
+
+    @property
+    def work(self) -> int:
+        return self.visits + self.other_work
+
+    def _check_work(self) -> None:
+        if self.visits + self.other_work > self.limits.max_work:
+            raise _Abort(
+                f"analysis stopped after {self.limits.max_work:,} units of work (limit reached)"
+            )
 
     def _unknown(self, prog: int, pc: int, reason: str) -> None:
         self.unknown_paths.setdefault((prog, pc), reason)
@@ -235,7 +268,7 @@ class _Analysis(TailCalls):
         ctx = self.contexts[ci]
         prog = ctx[1]
         image = self.images[prog]
-        insns, leaders, broken = image.insns, image.leaders, image.broken
+        insns, leaders, broken, masked = image.insns, image.leaders, image.broken, image.masked
         regs = list(state.regs)
         stack = state.stack
         limit = self.limits.max_insn_visits
@@ -243,13 +276,13 @@ class _Analysis(TailCalls):
             self.visits += 1
             if self.visits > limit:
                 raise _Abort(f"analysis stopped after {limit} instructions (limit reached)")
-            if not self.visits & 0xFFF and self.deadline and time.monotonic() > self.deadline:
-                raise _Abort(
-                    f"analysis stopped after {self.limits.max_seconds:g} s (time limit reached)"
-                )
+            if not self.visits & 0xFF:
+                self._check_work()
             if pc in broken:
                 self._unknown(prog, pc, broken[pc])
                 return
+            if pc in masked:  # its instruction reads AX for the immediate: any value
+                regs[AX] = Unknown(f"is a constant that differs between copies (pc {pc})")
             insn = insns[pc]
             assert insn is not None
             code = insn[0]
@@ -482,7 +515,10 @@ class _Analysis(TailCalls):
         if code == LD_IMM64:
             if dst not in WRITABLE:
                 return f"invalid register in a 64-bit immediate load at pc {pc}"
-            regs[dst] = self._imm64(src, imm, pc)
+            if pc in self.images[prog].masked:
+                regs[dst] = Unknown(f"is a constant that differs between copies (pc {pc})")
+            else:
+                regs[dst] = self._imm64(src, imm, pc)
             return None
         if code & 0xE0 in (MODE_ABS, MODE_IND) and code & 0x18 != 0x18:
             # Legacy packet load: a failed load ends the program with 0.
@@ -515,6 +551,7 @@ class _Analysis(TailCalls):
         self, regs: list[Value], stack: dict[SlotKey, tuple[Piece, ...]], insn: Insn, pc: int
     ) -> tuple[str | None, dict[SlotKey, tuple[Piece, ...]]]:
         imm = insn[4]
+        self.other_work += HELPER_CALL_WORK
         name = self.helper_names.get(imm)
         if name is not None:
             name = name.split(".", 1)[0]
@@ -662,7 +699,7 @@ class _Analysis(TailCalls):
         regs[1:6] = state.regs[1:6]
         stack = {k: v for k, v in state.stack.items() if k[0] < depth}
         callee = State(tuple(regs), stack, (*state.frames, state.regs[6:11]))
-        self._propagate(((*callers, (prog, entry, pc)), prog, target), target, callee, (prog, pc))
+        self._enter((*callers, (prog, entry, pc)), prog, target, callee, (prog, pc))
 
     def _kfunc_call(self, ctx: Ctx, pc: int, state: State, imm: int) -> None:
         prog = ctx[1]
@@ -710,7 +747,9 @@ class _Analysis(TailCalls):
         reasons.extend(self.global_reasons)
         complete = not reasons and all(e.values is not None for e in exits)
         values = frozenset().union(*(e.values or () for e in exits)) if complete else None
-        return ProgramVerdicts(self.root, values, tuple(exits), tuple(dict.fromkeys(reasons)))
+        return ProgramVerdicts(
+            self.root, values, tuple(exits), tuple(dict.fromkeys(reasons)), self.work
+        )
 
     def _exit_note(self, prog: int, r0: Value, values: frozenset[int] | None) -> str:
         parts = []
@@ -744,35 +783,18 @@ def analyse_program(
     maps: Mapping[int, MapInfo],
     helper_names: Mapping[int, str],
     limits: AnalysisLimits = AnalysisLimits(),
+    unknown_immediates: Mapping[int, frozenset[int]] | None = None,
 ) -> ProgramVerdicts:
     """Every value program `prog_id` can return, following its calls and tail calls.
 
+    `unknown_immediates` (program id -> pcs) makes those instructions' immediates unknown: the
+    result then holds for every copy of the programs that differs only there (sharing.py).
     Never raises: whatever cannot be followed makes the result unknown, with the reason.
     """
-    analysis = _Analysis(prog_id, programs, maps, helper_names, limits)
+    analysis = _Analysis(prog_id, programs, maps, helper_names, limits, unknown_immediates)
     try:
         analysis.run()
         return analysis.result()
     except Exception as exc:  # a bug here must not take the scan down: report it as unknown
         reason = f"internal error in the verdict analysis: {type(exc).__name__}: {exc}"
         return ProgramVerdicts(prog_id, None, (), (reason,))
-
-
-def explain(verdicts: ProgramVerdicts) -> list[str]:
-    """Readable lines for --explain: the program's values, each exit path, why it is unknown."""
-    if verdicts.values is None:
-        lines = [f"prog {verdicts.prog_id}: return values unknown"]
-    else:
-        lines = [f"prog {verdicts.prog_id}: returns {describe_values(verdicts.values)}"]
-    for path in verdicts.exits:
-        where = f"pc {path.pc}"
-        if path.prog_id != verdicts.prog_id:
-            where += f" of prog {path.prog_id}"
-        shown = "unknown" if path.values is None else describe_values(path.values)
-        if path.values is None and path.may_return:
-            shown += f", among them {describe_values(path.may_return)}"
-        lines.append(f"  exit at {where}: {shown}" + (f" ({path.note})" if path.note else ""))
-    if verdicts.unknown_reasons:
-        lines.append("  unknown because:")
-        lines.extend(f"    {reason}" for reason in verdicts.unknown_reasons)
-    return lines

@@ -19,7 +19,7 @@ from tcprio.analysis.verdicts.domain import (
     Value,
     uninit_regs,
 )
-from tcprio.analysis.verdicts.images import Image, decode
+from tcprio.analysis.verdicts.images import Image
 from tcprio.analysis.verdicts.opcodes import U32
 from tcprio.model import MapInfo, ProgramInfo
 
@@ -28,7 +28,8 @@ class TailCalls:
     """The tail-call semantics of the interpreter's analysis, which this class is mixed into.
 
     The analysis provides the attributes below, its limits (an AnalysisLimits) and the methods
-    _unknown, _goto, _propagate and _clobber_scratch.
+    _unknown, _goto, _clobber_scratch, _decode (a program's image) and _enter (freplace.py: a
+    program's start, or the EXT program replacing its main function).
     """
 
     programs: Mapping[int, ProgramInfo]
@@ -115,13 +116,12 @@ class TailCalls:
                     f"{how}: chain of more than {self.limits.max_tail_call_depth} tail calls",
                 )
                 return
-            self.images[target] = decode(info.insns)
+            self.images[target] = self._decode(target, info)
             self.tail_depth[target] = depth
             self.tail_notes[target] = f"{how} (from prog {prog} pc {pc})"
         frame = len(callers)
         regs = uninit_regs(frame)
         regs[1] = state.regs[1]
         stack = {k: v for k, v in state.stack.items() if k[0] < frame}
-        self._propagate(
-            (callers, target, 0), 0, State(tuple(regs), stack, state.frames), (prog, pc)
-        )
+        entered = State(tuple(regs), stack, state.frames)
+        self._enter(callers, target, 0, entered, (prog, pc), tail_call=True)

@@ -6,8 +6,9 @@ no libbpf, no netlink. Every failing call raises `BpfError`, naming the bpf comm
 The modules: `syscall` (the call itself, commands, constants, errors, `union bpf_attr`, ids and
 fds), `objects` (programs, maps and links as the kernel describes them, with notes on reading the
 translated instructions), `btf_names` (BTF objects, full program names), `tcx` (tcx query and
-attach, tracing attach), `run` (loading and test-running programs, prog arrays, run statistics)
-and `helpers` (kernel helper names from /proc/kallsyms). Callers use the names below.
+attach, tracing attach), `freplace` (freplace links and the functions they replace), `run`
+(loading and test-running programs, prog arrays, run statistics) and `helpers` (kernel helper
+names from /proc/kallsyms). Callers use the names below.
 """
 
 from tcprio.kernel.bpf_syscalls.btf_names import (
@@ -15,6 +16,13 @@ from tcprio.kernel.bpf_syscalls.btf_names import (
     btf_func_name,
     btf_func_names,
     btf_info_from_fd,
+)
+from tcprio.kernel.bpf_syscalls.freplace import (
+    FreplaceLink,
+    FreplaceLinks,
+    freplace_links,
+    func_starts,
+    replaced_functions,
 )
 from tcprio.kernel.bpf_syscalls.helpers import (
     helper_name,
@@ -47,7 +55,9 @@ from tcprio.kernel.bpf_syscalls.run import (
 from tcprio.kernel.bpf_syscalls.syscall import (
     BPF_FUNC_TAIL_CALL,
     BPF_LINK_TYPE_TCX,
+    BPF_LINK_TYPE_TRACING,
     BPF_MAP_TYPE_PROG_ARRAY,
+    BPF_PROG_TYPE_EXT,
     BPF_PROG_TYPE_SCHED_ACT,
     BPF_PROG_TYPE_SCHED_CLS,
     BPF_PROG_TYPE_TRACING,
@@ -83,7 +93,9 @@ from tcprio.kernel.btf import parse_btf_func_names  # callers still reach it her
 __all__ = [
     "BPF_FUNC_TAIL_CALL",
     "BPF_LINK_TYPE_TCX",
+    "BPF_LINK_TYPE_TRACING",
     "BPF_MAP_TYPE_PROG_ARRAY",
+    "BPF_PROG_TYPE_EXT",
     "BPF_PROG_TYPE_SCHED_ACT",
     "BPF_PROG_TYPE_SCHED_CLS",
     "BPF_PROG_TYPE_TRACING",
@@ -98,6 +110,8 @@ __all__ = [
     "BpfCmd",
     "BpfError",
     "BtfInfo",
+    "FreplaceLink",
+    "FreplaceLinks",
     "LinkInfo",
     "TcxUnsupported",
     "btf_fd_by_id",
@@ -106,6 +120,8 @@ __all__ = [
     "btf_info_from_fd",
     "decode_insns",
     "enable_run_stats",
+    "freplace_links",
+    "func_starts",
     "helper_name",
     "helper_symbols",
     "link_fd_by_id",
@@ -138,6 +154,7 @@ __all__ = [
     "prog_test_run",
     "prog_type_name",
     "prog_xlated_bytes",
+    "replaced_functions",
     "run_stats",
     "tcx_attach",
     "tcx_query",

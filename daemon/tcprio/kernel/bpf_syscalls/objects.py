@@ -48,7 +48,7 @@ from tcprio.kernel.bpf_syscalls.syscall import (
     u32,
     u64,
 )
-from tcprio.model import Instruction, MapInfo, ProgramInfo
+from tcprio.model import Instruction, MapInfo, ProgramInfo, RawInstructions
 
 # --- info structures -------------------------------------------------------------------------
 
@@ -259,10 +259,10 @@ def prog_info_from_fd(fd: int, with_insns: bool = True) -> ProgramInfo:
     full name from BTF (None when the program has no BTF or it cannot be read)."""
     head = _prog_info_struct(fd)
     dump = _prog_dump(fd, head, with_insns)
-    insns: tuple[Instruction, ...] | None = None
+    insns: RawInstructions | None = None
     error = dump.error
     if dump.xlated is not None:
-        insns = decode_insns(dump.xlated)
+        insns = RawInstructions(dump.xlated)
     elif with_insns and error is None:
         error = "kernel reported no translated instructions (the reader lacks CAP_BPF)"
     return ProgramInfo(

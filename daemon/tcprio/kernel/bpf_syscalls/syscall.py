@@ -30,6 +30,7 @@ class BpfCmd(IntEnum):
     MAP_GET_FD_BY_ID = 14
     OBJ_GET_INFO_BY_FD = 15
     PROG_QUERY = 16
+    BTF_LOAD = 18
     BTF_GET_FD_BY_ID = 19
     LINK_CREATE = 28
     LINK_GET_FD_BY_ID = 30
@@ -43,7 +44,9 @@ class BpfCmd(IntEnum):
 BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_PROG_TYPE_SCHED_ACT = 4
 BPF_PROG_TYPE_TRACING = 26
+BPF_PROG_TYPE_EXT = 28  # freplace: replaces a global function of another program
 BPF_MAP_TYPE_PROG_ARRAY = 3
+BPF_LINK_TYPE_TRACING = 2  # fentry, fexit and freplace links
 BPF_LINK_TYPE_TCX = 11
 BPF_TCX_INGRESS = 46
 BPF_TCX_EGRESS = 47

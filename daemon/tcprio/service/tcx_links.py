@@ -1,0 +1,121 @@
+"""tcx links, as the daemon tracks them: they send no netlink event, so the daemon polls the
+kernel's link list and reads again the hooks a tcx link appeared on or went from.
+
+A mixin of the daemon (`service/daemon.py`), which provides `inventories`, `watched`,
+`link_ids`, `tcx_links`, `tcx_rechecks`, `log` and `_mark_dirty`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from tcprio.kernel import bpf_syscalls
+from tcprio.kernel.namespaces import NamespaceGone, entered
+from tcprio.kernel.tc_inventory import PARENT_BY_DIRECTION
+from tcprio.model import Direction, NamespaceInventory
+from tcprio.service.watch import TcEvent
+
+NsKey = tuple[int, int]
+TCX_RECHECK_S = 1.0  # a tcx link change: hooks read again until they show it, this long
+DIRECTION_BY_PARENT = {0xFFFFFFF2: "ingress", 0xFFFFFFF3: "egress", 0xFFFF0000: "ingress"}
+TCX_PARENT = {bpf_syscalls.BPF_TCX_INGRESS: 0xFFFFFFF2, bpf_syscalls.BPF_TCX_EGRESS: 0xFFFFFFF3}
+
+
+class TcxLinks:
+    inventories: dict[NsKey, NamespaceInventory]
+    watched: dict
+    link_ids: frozenset[int]
+    tcx_links: dict[int, tuple[int, int]]  # link id -> (ifindex, parent)
+    # link id -> (ifindex, parent, until): hooks to check again against the link list
+    tcx_rechecks: dict[int, tuple[int, int, float]]
+    log: Callable[..., None]
+    _mark_dirty: Callable[[NsKey], None]
+
+    def _mark_tcx_shown_but_gone(self, links: frozenset[int]) -> None:
+        """A link attached and closed between two polls never shows in the list's diff: read
+        again every hook that still shows a link the list no longer has."""
+        for key, inventory in self.inventories.items():
+            if key not in self.watched:
+                continue
+            events = [
+                TcEvent("tcx-change", ifindex=interface.ifindex,
+                        parent=PARENT_BY_DIRECTION[hook.direction])
+                for interface in inventory.interfaces
+                for hook in interface.hooks
+                if any(t.link_id is not None and t.link_id not in links for t in hook.tcx)
+            ]  # fmt: skip
+            if events:
+                self.watched[key].pending.extend(events)
+                self._mark_dirty(key)
+
+    def _shows_link(self, link: int) -> bool:
+        return any(
+            t.link_id == link
+            for inventory in self.inventories.values()
+            for interface in inventory.interfaces
+            for hook in interface.hooks
+            for t in hook.tcx
+        )
+
+    def _recheck_tcx(self, changed: list[tuple[int, int, int]]) -> None:
+        """The kernel frees a tcx link's id before it detaches the program, and gives a new link
+        its id before it attaches it (a synchronize_rcu apart, long under load): a hook read in
+        between still shows the old chain. Read such hooks again until they agree with the
+        link list, for TCX_RECHECK_S at most."""
+        now = time.monotonic()
+        for link, ifindex, parent in changed:
+            self.tcx_rechecks[link] = (ifindex, parent, now + TCX_RECHECK_S)
+        fresh = {link for link, _, _ in changed}
+        stale = []
+        for link, (ifindex, parent, until) in list(self.tcx_rechecks.items()):
+            if link in fresh:
+                continue
+            if now > until or self._shows_link(link) == (link in self.link_ids):
+                del self.tcx_rechecks[link]
+            else:
+                stale.append((link, ifindex, parent))
+        if stale:
+            self.log("debug", "tcx hooks read again", links=[s[0] for s in stale])
+            self._mark_tcx_hooks(stale)
+
+    def _tcx_hooks_changed(self, links: frozenset[int]) -> list[tuple[int, int, int]]:
+        """(link id, ifindex, parent) of the tcx links that appeared or went."""
+        changed = [(link, *self.tcx_links.pop(link)) for link in self.link_ids - links
+                   if link in self.tcx_links]  # fmt: skip
+        for link in links - self.link_ids:
+            try:
+                info = bpf_syscalls.link_info(link)
+            except OSError:
+                continue
+            parent = TCX_PARENT.get(info.attach_type or 0)
+            if info.type == bpf_syscalls.BPF_LINK_TYPE_TCX and info.ifindex and parent:
+                self.tcx_links[link] = (info.ifindex, parent)
+                changed.append((link, info.ifindex, parent))
+        return changed
+
+    def _holds_link(self, key: NsKey, link: int, ifindex: int, parent: int) -> bool:
+        """Whether namespace `key` has (or had, at its last reading) tcx link `link`."""
+        inventory = self.inventories[key]
+        if any(t.link_id == link for i in inventory.interfaces for h in i.hooks for t in h.tcx):
+            return True  # a link that went: our last reading shows where it was
+        direction = Direction(DIRECTION_BY_PARENT[parent])
+        try:  # a new link names its interface by index only: ask the candidate namespace
+            with entered(self.watched[key].namespace):
+                return any(t.link_id == link for t in bpf_syscalls.tcx_query(ifindex, direction))
+        except (OSError, NamespaceGone):
+            return False
+
+    def _mark_tcx_hooks(self, changed: list[tuple[int, int, int]]) -> None:
+        for key, inventory in self.inventories.items():
+            if key not in self.watched:
+                continue
+            present = {i.ifindex for i in inventory.interfaces}
+            events = [
+                TcEvent("tcx-change", ifindex=ifindex, parent=parent)
+                for link, ifindex, parent in changed
+                if ifindex in present and self._holds_link(key, link, ifindex, parent)
+            ]
+            if events:
+                self.watched[key].pending.extend(events)
+                self._mark_dirty(key)
