@@ -38,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "daemon"), str(ROOT / "bench")]
 
+from scan_bench import classifiers_in_scan  # noqa: E402
 from topology import (  # noqa: E402
     FIRST_NODE_IFINDEX,
     Pod,
@@ -93,16 +94,11 @@ def in_process_scan(prefix: str, share: bool) -> SharingStats:
 def classified_endpoints(doc: dict) -> tuple[int, int]:
     """(CNI classifiers, of which terminal and named Cilium) in a scan's JSON."""
     cni = terminal = 0
-    for namespace in doc["namespaces"]:
-        for interface in namespace["interfaces"]:
-            for hook in interface["hooks"]:
-                for classifier in hook["classifiers"]:
-                    if (classifier["filter_name"] or "").startswith("bpf_lxc.o:"):
-                        cni += 1
-                        terminal += (
-                            classifier["verdict_class"] == "terminal"
-                            and classifier["vendor"] == "Cilium"
-                        )
+    for classifier in classifiers_in_scan(doc):
+        if (classifier["filter_name"] or "").startswith("bpf_lxc.o:"):
+            cni += 1
+            named = classifier["vendor"] == "Cilium"
+            terminal += classifier["verdict_class"] == "terminal" and named
     return cni, terminal
 
 

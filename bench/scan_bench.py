@@ -31,7 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,17 +130,17 @@ def filters_in_bpftool_output(text: str) -> int:
     return count
 
 
-def filters_in_scan(doc: dict) -> tuple[int, int]:
-    filters = tcx = 0
+def classifiers_in_scan(doc: dict) -> Iterator[dict]:
+    """Every classifier of a scan's JSON document."""
     for ns in doc["namespaces"]:
         for interface in ns["interfaces"]:
             for hook in interface["hooks"]:
-                for c in hook["classifiers"]:
-                    if c["hook"] == "tcx":
-                        tcx += 1
-                    else:
-                        filters += 1
-    return filters, tcx
+                yield from hook["classifiers"]
+
+
+def filters_in_scan(doc: dict) -> tuple[int, int]:
+    tcx = sum(c["hook"] == "tcx" for c in classifiers_in_scan(doc))
+    return sum(1 for _ in classifiers_in_scan(doc)) - tcx, tcx
 
 
 def filters_in_inventories(inventories: list) -> int:

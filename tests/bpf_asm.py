@@ -47,6 +47,7 @@ ALU, JMP, JMP32, ALU64 = 0x04, 0x05, 0x06, 0x07
 LDX_MEM, ST_MEM, STX_MEM, STX_ATOMIC = 0x61, 0x62, 0x63, 0xC3
 BPF_X = 0x08
 TAIL_CALL = 12
+PSEUDO_FUNC = 4  # ld_imm64 src: the address of a function of the program
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,17 @@ def ld_map(dst: int, map_id: int) -> list[Instruction]:
     return ld_imm64(dst, map_id, src=1)
 
 
+def ld_func(dst: int, target: int | str) -> list[Instruction | Pending]:
+    """`dst = the address of a function` (ld_imm64 with src BPF_PSEUDO_FUNC = 4), a callback for
+    bpf_loop & co: the function starts at pc + imm + 1, in the loadable and the xlated form."""
+    first: Instruction | Pending
+    if isinstance(target, str):
+        first = Pending(_insn(0x18, dst, PSEUDO_FUNC), target, use_imm=True)
+    else:
+        first = _insn(0x18, dst, PSEUDO_FUNC, 0, target)
+    return [first, _insn(0x00)]
+
+
 def ldx(size: int, dst: int, src: int, off: int) -> Instruction:
     return _insn(LDX_MEM | SIZES[size], dst, src, off)
 
@@ -259,15 +271,22 @@ def _flatten(items: tuple[Item, ...]) -> list[Instruction | Label | Pending]:
     return out
 
 
-def assemble(*items: Item) -> tuple[Instruction, ...]:
-    flat = _flatten(items)
+def label_pcs(*items: Item) -> dict[str, int]:
+    """Where each label of `items` lands in the assembled program (a function's start, for
+    func_info)."""
     labels: dict[str, int] = {}
     pc = 0
-    for item in flat:
+    for item in _flatten(items):
         if isinstance(item, Label):
             labels[item.name] = pc
         else:
             pc += 1
+    return labels
+
+
+def assemble(*items: Item) -> tuple[Instruction, ...]:
+    flat = _flatten(items)
+    labels = label_pcs(*flat)
     out: list[Instruction] = []
     for item in flat:
         if isinstance(item, Label):

@@ -206,7 +206,8 @@ def attach_filter(
     test's own (then `prog_name` only names the filter)."""
     from pyroute2 import IPRoute
 
-    programs = shared_programs()
+    if prog_fd is None:  # only then: compiling the shared programs takes a while
+        prog_fd = shared_programs().fd(prog_name)
     with ns.entered():
         ifindex = socket.if_nametoindex(ifname)
         # Created inside the namespace: the netlink socket stays bound to it.
@@ -216,7 +217,7 @@ def attach_filter(
                 "bpf",
                 ifindex,
                 handle,
-                fd=programs.fd(prog_name) if prog_fd is None else prog_fd,
+                fd=prog_fd,
                 name=filter_name or prog_name,
                 parent=CLSACT_PARENT[Direction(direction)],
                 classid=1,

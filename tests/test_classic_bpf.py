@@ -99,3 +99,22 @@ def test_classic_filters_are_judged_the_way_the_kernel_runs_them(
     assert classic.verdict.verdict_class is verdict_class
     assert classic.verdict.reason.startswith("classic BPF")
     assert [c.severity for c in scan.result.conflicts] == severities
+
+
+@pytest.mark.parametrize(
+    ("ops", "why"),
+    [
+        (((0x20, 0, 0, 100), (0x06, 0, 0, 1)), "ld [100] fails on a shorter packet"),
+        (((0x28, 0, 0, 12), (0x06, 0, 0, 1)), "ldh [12] fails on a frame shorter than 14"),
+        (((0xB1, 0, 0, 14), (0x06, 0, 0, 1)), "ldxb 4*([14]&0xf) fails too"),
+        (((0x01, 0, 0, 0), (0x3C, 0, 0, 0), (0x06, 0, 0, 1)), "a /= x with x = 0"),
+    ],
+)
+def test_a_load_or_division_that_can_fail_adds_zero(ops: tuple, why: str) -> None:
+    """The kernel ends a classic program with 0 where a packet load fails or X is 0 in a
+    division (found by the classic fuzzer against a socket filter): 0 is claimed too."""
+    assert analyse_classic(ops).values == {0, 1}, why
+
+
+def test_straight_code_without_loads_claims_only_its_ret() -> None:
+    assert analyse_classic(((0x00, 0, 0, 7), (0x16, 0, 0, 0))).values == {7}  # ld #7; ret a

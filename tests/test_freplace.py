@@ -353,3 +353,39 @@ def test_the_replaced_classifier_starves_the_next_one_and_the_scan_says_terminal
     first = next(c for c in hook.classifiers if c.priority == 1)
     assert first.verdict.verdict_class is TERMINAL, first.verdict
     assert first.verdict.terminal_actions == ("TC_ACT_OK",)
+
+
+# --- the daemon ----------------------------------------------------------------------------------
+
+
+def _daemon_verdict(running, ns: TestNetns) -> str | None:
+    for (name, labels), _ in running.metrics().items():
+        found = dict(labels)
+        if name == "tcprio_classifier_info" and found.get("namespace") == ns.name:
+            return found["verdict_class"]
+    return None
+
+
+def test_the_daemon_follows_an_freplace_link_without_a_resync(ext_loadable, tmp_path) -> None:
+    """freplace links send no netlink event: the daemon's link poll sees one attached and
+    closed, and /metrics flips terminal and back, with the full resync an hour away."""
+    from tests.kernel import add_clsact, netns, veth_in_one
+    from tests.test_daemon import daemon, find
+    from tests.timing import wait_until
+
+    with netns("d-fr") as ns, loaded() as fds:
+        veth_in_one(ns, "fr0", "fr1")
+        add_clsact(ns, "fr0")
+        btf_fd = fds.add(btf_load(btf_blob()))
+        target_fd = _target(fds, btf_fd)
+        _attach(ns, "fr0", 1, target_fd, "fr_target")
+        with daemon(tmp_path, resync=3600) as running:
+            wait_until(lambda: _daemon_verdict(running, ns) == "transparent", "not transparent")
+            ext_fd = _ext(fds, btf_fd, target_fd, SUB_ID, semantics.TC_ACT_OK)
+            link_fd = freplace_link(ext_fd, target_fd, SUB_ID)
+            try:
+                wait_until(lambda: _daemon_verdict(running, ns) == "terminal", "never terminal")
+            finally:
+                os.close(link_fd)
+            wait_until(lambda: _daemon_verdict(running, ns) == "transparent", "not back")
+            assert find(running.metrics(), "tcprio_scans_total", kind="full") == [1.0]

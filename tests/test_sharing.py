@@ -204,7 +204,9 @@ def test_endpoint_copies_share_one_analysis_and_agree_with_their_own(
     catalogue = cache.catalogue(ids)
     helpers = bpf_syscalls.helper_symbols()
     for prog_id in ids:
-        own = analyse_program(prog_id, catalogue.programs, catalogue.maps, helpers)
+        own = analyse_program(
+            prog_id, catalogue.programs, catalogue.maps, helpers, ctx_cb=cache.ctx_cb()
+        )
         assert verdicts[prog_id].values == own.values
         assert set(verdicts[prog_id].exits) == set(own.exits)
         assert set(verdicts[prog_id].unknown_reasons) == set(own.unknown_reasons)

@@ -12,33 +12,53 @@ raises, and whatever verdict set it claims, BPF_PROG_TEST_RUN agrees with it.
    on memory, unknown (with its reason) when a limit is reached.
 3. The real programs of bpf/classifiers.c, mutated: never raises; when the verifier accepts the
    mutant, the kernel agrees with the analysis.
+4. Callbacks: programs with BTF func_info calling bpf_loop (inlined by the verifier when its
+   flags are 0, a helper call otherwise) or bpf_for_each_map_elem with a generated callback
+   that writes generated values at generated offsets of its pointer, below it too.
+5. kfuncs: the random programs of (1) with bpf_throw(cookie) in any function, analysed with the
+   kfunc named and unnamed.
+6. Classic BPF: random valid classic filters, judged by tcprio's classic analysis. No
+   BPF_PROG_TEST_RUN for those: the oracle is a reference interpreter written here, itself
+   checked on every run against the kernel running the filter on an AF_UNIX datagram socket
+   (SO_ATTACH_FILTER: dropped = 0, else the bytes delivered).
+Each kernel-checked fuzzer keeps the rule: no program the kernel shows returning a
+chain-ending code is called transparent. EXT (freplace) programs are not fuzzed: this kernel
+refuses every BPF_PROG_TYPE_EXT load with EPERM (no trampolines; see test_freplace.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import os
 import re
+import socket
 import struct
 import time
 import tracemalloc
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tcprio.analysis import semantics
+from tcprio.analysis.classic_bpf import analyse_classic
 from tcprio.analysis.verdicts import AnalysisLimits, analyse_program, explain
 from tcprio.kernel import bpf_syscalls
-from tcprio.model import Instruction, MapInfo, ProgramInfo, ProgramVerdicts
+from tcprio.kernel.bpf_syscalls.syscall import BpfCmd, MapCreateAttr, bpf
+from tcprio.kernel.btf import KIND_FUNC, Btf, BtfLookupError
+from tcprio.model import Instruction, MapInfo, ProgramInfo, ProgramVerdicts, VerdictClass
 from tests.bpf_asm import (
     R0,
     R1,
     R2,
     R3,
+    R4,
     R6,
     R10,
     assemble,
@@ -56,6 +76,16 @@ from tests.bpf_asm import (
     tail_call_to,
 )
 from tests.bpf_programs import ClassifierPrograms, link_subprogram
+from tests.freplace_programs import (
+    BTF_FUNC_STATIC,
+    CTX,
+    U64,
+    VOID_PTR,
+    BtfFunc,
+    btf_functions,
+    btf_load,
+    prog_load_btf_code,
+)
 from tests.test_bpf_syscalls import ipv4_udp_packet, ipv6_udp_packet
 from tests.test_verdicts_kernel import CORPUS
 from tests.timing import HANG_GUARD_S
@@ -111,7 +141,6 @@ def _assert_well_formed(verdicts: ProgramVerdicts, prog_id: int) -> None:
 
 
 # --- the kernel side: maps, test runs with a context, what the kernel shows ------------------
-
 
 
 create_prog_array = bpf_syscalls.prog_array_create
@@ -180,6 +209,21 @@ def fetch(prog_ids: list[int]) -> Catalogue:
     return catalogue
 
 
+def never_transparent_when_the_chain_ends(
+    verdicts: ProgramVerdicts, returned: set[int], context: object = ""
+) -> VerdictClass:
+    """The rule: a program the kernel showed returning a chain-ending code (direct-action) is
+    never called transparent. Its class, as the scan would give it."""
+    verdict = semantics.classify_clsact_direct_action(verdicts.values, verdicts.known_values)
+    if returned & semantics.CLSACT_TERMINAL_VALUES:
+        assert verdict.verdict_class is not VerdictClass.TRANSPARENT, (
+            f"called transparent, but the kernel returned {sorted(returned)}",
+            explain(verdicts),
+            context,
+        )
+    return verdict.verdict_class
+
+
 def check_against_kernel(
     root_fd: int, helper_names: dict[int, str], what: str
 ) -> tuple[ProgramVerdicts, set[int]]:
@@ -199,6 +243,7 @@ def check_against_kernel(
                 explain(verdicts),
                 [catalogue.programs[p].insns for p in catalogue.programs],
             )
+    never_transparent_when_the_chain_ends(verdicts, returned, what)
     return verdicts, returned
 
 
@@ -241,38 +286,58 @@ class MapRef:
     dst: int
 
 
-Item = Raw | Jump | Call | Label | MapRef
+@dataclass(frozen=True)
+class FuncRef:
+    """ld_imm64 dst = the address of the function at a label (BPF_PSEUDO_FUNC, src 4): a
+    callback for bpf_loop; imm is its offset from the instruction (pc + imm + 1)."""
+
+    dst: int
+    target: str
+
+
+Item = Raw | Jump | Call | Label | MapRef | FuncRef
+
+
+def _width(item: Item) -> int:
+    """How many instructions an item assembles to."""
+    if isinstance(item, Label):
+        return 0
+    return 2 if isinstance(item, MapRef | FuncRef) else 1
+
+
+def label_pcs(items: list[Item]) -> dict[str, int]:
+    labels: dict[str, int] = {}
+    pc = 0
+    for item in items:
+        if isinstance(item, Label):
+            labels[item.name] = pc
+        pc += _width(item)
+    return labels
+
+
+def _encode(item: Item, pc: int, labels: dict[str, int], map_fd: int) -> list[Raw]:
+    if isinstance(item, Label):
+        return []
+    if isinstance(item, MapRef):
+        return [(0x18, item.dst, 1, 0, map_fd), (0, 0, 0, 0, 0)]
+    if isinstance(item, FuncRef):
+        return [(0x18, item.dst, 4, 0, labels[item.target] - pc - 1), (0, 0, 0, 0, 0)]
+    if isinstance(item, Jump):
+        code, dst, src, _off, imm = item.insn
+        return [(code, dst, src, labels[item.target] - pc - 1, imm)]
+    if isinstance(item, Call):
+        return [(0x85, 0, 1, 0, labels[item.target] - pc - 1)]
+    return [item]
 
 
 def assemble_loadable(items: list[Item], map_fd: int = -1) -> bytes:
-    flat: list[Raw | Jump | Call | Label] = []
-    for item in items:
-        if isinstance(item, MapRef):
-            flat += [(0x18, item.dst, 1, 0, map_fd), (0, 0, 0, 0, 0)]
-        else:
-            flat.append(item)
-    labels: dict[str, int] = {}
-    pc = 0
-    for item in flat:
-        if isinstance(item, Label):
-            labels[item.name] = pc
-        else:
-            pc += 1
+    labels = label_pcs(items)
     out = bytearray()
     pc = 0
-    for item in flat:
-        if isinstance(item, Label):
-            continue
-        if isinstance(item, Jump):
-            code, dst, src, _off, imm = item.insn
-            insn = (code, dst, src, labels[item.target] - pc - 1, imm)
-        elif isinstance(item, Call):
-            insn = (0x85, 0, 1, 0, labels[item.target] - pc - 1)
-        else:
-            insn = item
-        code, dst, src, off, imm = insn
-        out += struct.pack("<BBhi", code, src << 4 | dst, off, imm)
-        pc += 1
+    for item in items:
+        for code, dst, src, off, imm in _encode(item, pc, labels, map_fd):
+            out += struct.pack("<BBhi", code, src << 4 | dst, off, imm)
+            pc += 1
     return bytes(out)
 
 
@@ -298,11 +363,19 @@ _imm32 = st.one_of(st.integers(-4, 10), st.sampled_from(INTERESTING), st.integer
 class _Gen:
     """Draws one program: functions 0 (the main program) .. n-1, calls only to later ones."""
 
-    def __init__(self, draw, n_funcs: int, takes_ptr: list[bool], tail_slots: int) -> None:
+    def __init__(
+        self,
+        draw,
+        n_funcs: int,
+        takes_ptr: list[bool],
+        tail_slots: int,
+        throw_id: int | None = None,
+    ) -> None:
         self.draw = draw
         self.n_funcs = n_funcs
         self.takes_ptr = takes_ptr
         self.tail_slots = tail_slots
+        self.throw_id = throw_id  # bpf_throw's BTF id: throw from any function
         self.labels = 0
 
     def label(self) -> str:
@@ -435,6 +508,16 @@ class _Gen:
             items += self.guarded(kept, [(JMP | 0x90, 0, 0, 0, 0)])  # return its verdict
         return items + self.reinit((1, 2, 3, 4, 5), writable)
 
+    def throw(self, readable: tuple[int, ...]) -> list[Item]:
+        """bpf_throw(cookie) behind a branch: the program ends with the cookie's low 32 bits
+        (the default exception callback), from whatever frame."""
+        d = self.draw
+        if d(st.booleans()):
+            cookie = self.init_reg(R1)
+        else:
+            cookie = [(ALU64 | 0xBF, R1, d(st.sampled_from(readable)), 0, 0)]
+        return self.guarded(readable, [*cookie, (JMP | 0x80, 0, 2, 0, self.throw_id)])
+
     def tail_call(self, writable: tuple[int, ...]) -> list[Item]:
         d = self.draw
         items: list[Item] = [(ALU64 | 0xBF, R1, CTX_REG, 0, 0), MapRef(R2)]
@@ -476,6 +559,8 @@ class _Gen:
                 kinds += ["call"] * 2
             if self.tail_slots and func == 0:  # no tail calls in subprograms without BTF
                 kinds += ["tail"] * 2
+        if self.throw_id is not None:
+            kinds += ["throw"] * 2
         for i in range(length):
             items.append(Label(labels[i]))
             kind = d(st.sampled_from(kinds))
@@ -501,6 +586,8 @@ class _Gen:
                 items += self.tail_call(writable)
             elif kind == "call":
                 items += self.call(func, writable)
+            elif kind == "throw":
+                items += self.throw(readable)
             else:  # a bounded loop: counter = n; do { body } while (--counter != 0)
                 counters = [r for r in (8, 9) if r in writable]
                 if not counters:
@@ -545,11 +632,12 @@ def _s32(value: int) -> int:
 
 
 @st.composite
-def programs(draw, tail_slots: int = 0) -> list[Item]:
-    """A sched_cls program likely to pass the verifier (as items; see assemble_loadable)."""
+def programs(draw, tail_slots: int = 0, throw_id: int | None = None) -> list[Item]:
+    """A sched_cls program likely to pass the verifier (as items; see assemble_loadable), with
+    calls of bpf_throw when its BTF id is given."""
     n_funcs = draw(st.integers(1, 3))
     takes_ptr = [False] + [draw(st.booleans()) for _ in range(n_funcs - 1)]
-    gen = _Gen(draw, n_funcs, takes_ptr, tail_slots)
+    gen = _Gen(draw, n_funcs, takes_ptr, tail_slots, throw_id)
     items: list[Item] = []
     for func in range(n_funcs):
         items += gen.function(func)
@@ -1163,3 +1251,520 @@ def test_joining_two_layouts_with_pieces_at_the_same_place_does_not_compare_valu
     verdicts = analyse_program(1, {1: _program(1, insns)}, {}, HELPERS)
     assert not any("internal error" in r for r in verdicts.unknown_reasons)
     assert verdicts.values == frozenset({0})
+
+
+# --- 4. callbacks: generated callbacks writing into the caller's frame -------------------------
+
+# The helpers: bpf_loop(nr, cb, ctx, flags) calls cb(index, ctx); bpf_for_each_map_elem(map, cb,
+# ctx, flags) calls cb(map, key, value, ctx) for each entry (of a 2-entry array map here).
+BPF_LOOP, BPF_FOR_EACH_MAP_ELEM = 181, 164
+BPF_MAP_TYPE_ARRAY = 2
+CALLBACKS = {
+    BPF_LOOP: BtfFunc("loop_cb", (U64, VOID_PTR), BTF_FUNC_STATIC),
+    BPF_FOR_EACH_MAP_ELEM: BtfFunc("map_cb", (VOID_PTR,) * 4, BTF_FUNC_STATIC),
+}
+CALLBACK_MAIN = BtfFunc("main_fn", (CTX,))
+CALLBACK_WRITER = BtfFunc("writer", (VOID_PTR,), BTF_FUNC_STATIC)
+CB_PTR, CB_INDEX, CB_TMP = 7, 8, 9  # the callback keeps its pointer, its index, a scratch value
+SLOTS = 8  # the caller's slots fp-8 .. fp-64, all stored before the loop
+
+
+@dataclass(frozen=True)
+class CallbackProgram:
+    items: list[Item]
+    helper: int  # BPF_LOOP or BPF_FOR_EACH_MAP_ELEM
+    with_writer: bool  # the callback hands its pointer to a subprogram that writes through it
+    writes_below: bool  # some store lands below the pointer the callback gets
+
+
+class _CallbackGen:
+    """A caller (random code, 8 stored slots, bpf_loop(nr, cb, fp + ptr_off, flags) or
+    bpf_for_each_map_elem(map, cb, fp + ptr_off, flags), random code, a return often read from
+    a slot) and a callback writing generated values at generated offsets of its pointer, above
+    and below it, directly or through a subprogram."""
+
+    def __init__(self, draw) -> None:
+        self.draw = draw
+        self.gen = _Gen(draw, 1, [False], 0)
+        self.helper = draw(st.sampled_from((BPF_LOOP, BPF_LOOP, BPF_FOR_EACH_MAP_ELEM)))
+        self.ptr_off = -8 * draw(st.integers(1, SLOTS))
+        self.writes_below = False
+        self.written: list[int] = []  # the caller's slots the callback writes (fp offsets)
+
+    def offset(self, size: int) -> int:
+        """An offset from the pointer that lands in one of the caller's slots, aligned."""
+        d = self.draw
+        slot = -8 * d(st.integers(1, SLOTS))
+        at = slot + d(st.integers(0, 8 // size - 1)) * size
+        self.writes_below |= at < self.ptr_off
+        self.written.append(slot)
+        return at - self.ptr_off
+
+    def caller(self, writable: tuple[int, ...]) -> list[Item]:
+        d = self.draw
+        gen = self.gen
+        items: list[Item] = [Label("func0"), (ALU64 | 0xBF, CTX_REG, R1, 0, 0)]
+        items += gen.reinit((0, 1, 2, 3, 4, 5, 7, 8, 9), writable)
+        items += [(0x7A, R10, 0, -8 * k, d(_imm32)) for k in range(1, SLOTS + 1)]
+        items += gen.segment(0, d(st.integers(1, 6)), writable, in_loop=False)
+        items += self.loop_call()
+        items += gen.reinit((1, 2, 3, 4, 5), writable)
+        items += gen.segment(0, d(st.integers(1, 4)), writable, in_loop=False)
+        if d(st.integers(0, 3)):  # return a slot, most often one the callback writes
+            size = d(st.sampled_from((8, 8, 4)))
+            slots = self.written if self.written and d(st.integers(0, 3)) else None
+            slot = d(st.sampled_from(slots)) if slots else -8 * d(st.integers(1, SLOTS))
+            items.append((0x61 | SIZE_CODES[size], R0, R10, slot, 0))
+        items.append((JMP | 0x90, 0, 0, 0, 0))
+        return items
+
+    def loop_call(self) -> list[Item]:
+        """Flags 0 (the verifier inlines bpf_loop) or read from skb->mark (it cannot: the helper
+        call stays; with a mark the callback never runs: -EINVAL)."""
+        d = self.draw
+        if self.helper == BPF_FOR_EACH_MAP_ELEM:
+            count: list[Item] = [MapRef(R1)]
+        elif d(st.booleans()):
+            count = [(ALU64 | 0xB0, R1, 0, 0, d(st.integers(0, 3)))]
+        else:
+            count = [self.gen.ctx_read(R1), (ALU64 | 0x50, R1, 0, 0, 3)]
+        flags: Item = (ALU64 | 0xB0, 4, 0, 0, 0) if d(st.booleans()) else (0x61, 4, CTX_REG, 8, 0)
+        pointer: list[Item] = [(ALU64 | 0xBF, R3, R10, 0, 0), (ALU64, R3, 0, 0, self.ptr_off)]
+        call: Item = (JMP | 0x80, 0, 0, 0, self.helper)
+        return [*count, FuncRef(R2, "callback"), *pointer, flags, call]
+
+    def store(self, base: int) -> list[Item]:
+        d = self.draw
+        size = d(st.sampled_from((1, 2, 4, 8, 8, 8)))
+        kind = d(st.sampled_from(("st", "st", "stx", "copy", "atomic")))
+        off = self.offset(size)
+        if kind == "st":
+            return [(0x62 | SIZE_CODES[size], base, 0, off, d(_imm32))]
+        if kind == "atomic":
+            size = d(st.sampled_from((4, 8)))
+            off = self.offset(size)
+            return [
+                (ALU64 | 0xB0, CB_TMP, 0, 0, d(_imm32)),
+                (0xC3 | SIZE_CODES[size], base, CB_TMP, off, 0),
+            ]
+        value: Item = (ALU64 | 0xB0, CB_TMP, 0, 0, d(_imm32))
+        if kind == "copy":  # a value of another slot of the caller
+            value = (0x61 | SIZE_CODES[size], CB_TMP, base, self.offset(size), 0)
+        return [value, (0x63 | SIZE_CODES[size], base, CB_TMP, off, 0)]
+
+    def callback(self, with_writer: bool) -> list[Item]:
+        d = self.draw
+        items: list[Item] = [Label("callback")]
+        if self.helper == BPF_LOOP:  # cb(index, ctx)
+            items += [(ALU64 | 0xBF, CB_PTR, R2, 0, 0), (ALU64 | 0xBF, CB_INDEX, R1, 0, 0)]
+        else:  # cb(map, key, value, ctx): the key is the index
+            items += [(ALU64 | 0xBF, CB_PTR, R4, 0, 0), (0x61, CB_INDEX, R2, 0, 0)]
+        for _ in range(d(st.integers(1, 4))):
+            store = self.store(CB_PTR)
+            if d(st.integers(0, 3)) == 0:  # only on some iterations
+                skip = self.gen.label()
+                test = Jump(
+                    (JMP | d(st.sampled_from((0x10, 0x50))), CB_INDEX, 0, 0, d(st.integers(0, 2))),
+                    skip,
+                )
+                store = [test, *store, Label(skip)]
+            items += store
+        if with_writer:
+            items += [(ALU64 | 0xBF, R1, CB_PTR, 0, 0), Call("writer")]
+        if d(st.booleans()):  # 1: stop the loop, 0: go on
+            items.append((ALU64 | 0xB0, R0, 0, 0, d(st.integers(0, 1))))
+        else:
+            items += [(ALU64 | 0xBF, R0, CB_INDEX, 0, 0), (ALU64 | 0x50, R0, 0, 0, 1)]
+        items.append((JMP | 0x90, 0, 0, 0, 0))
+        if with_writer:
+            items += [Label("writer"), *self.store(R1), (ALU64 | 0xB0, R0, 0, 0, 0)]
+            items.append((JMP | 0x90, 0, 0, 0, 0))
+        return items
+
+
+@st.composite
+def callback_programs(draw) -> CallbackProgram:
+    gen = _CallbackGen(draw)
+    writable = (0, 1, 2, 3, 4, 5, 7, 8, 9)
+    with_writer = draw(st.integers(0, 3)) == 0
+    callback = gen.callback(with_writer)  # first: the caller reads what it writes
+    items = [*gen.caller(writable), *callback]
+    return CallbackProgram(items, gen.helper, with_writer, gen.writes_below)
+
+
+BtfByShape = dict[tuple[int, bool], tuple[int, list[tuple[str, int]]]]
+
+
+@pytest.fixture(scope="module")
+def callback_btf() -> Iterator[BtfByShape]:
+    """{(helper, with a writer): (BTF fd, [(label, FUNC id)])}, loaded once for the module."""
+    made = {}
+    for helper, callback in CALLBACKS.items():
+        for with_writer in (False, True):
+            funcs = [("func0", CALLBACK_MAIN), ("callback", callback)]
+            if with_writer:
+                funcs.append(("writer", CALLBACK_WRITER))
+            blob, ids = btf_functions([func for _, func in funcs])
+            records = [(name, ids[func.name]) for name, func in funcs]
+            made[helper, with_writer] = (btf_load(blob), records)
+    yield made
+    for fd, _ in made.values():
+        os.close(fd)
+
+
+@pytest.fixture(scope="module")
+def two_entry_array() -> Iterator[int]:
+    """The map bpf_for_each_map_elem walks: an array of 2 entries (its callback runs twice)."""
+    attr = MapCreateAttr(map_type=BPF_MAP_TYPE_ARRAY, key_size=4, value_size=8, max_entries=2)
+    fd = bpf(BpfCmd.MAP_CREATE, attr)
+    yield fd
+    os.close(fd)
+
+
+def _load_with_btf(
+    items: list[Item],
+    btf: tuple[int, list[tuple[str, int]]],
+    stats: Counter[str],
+    name: str,
+    map_fd: int,
+) -> int | None:
+    stats["generated"] += 1
+    btf_fd, funcs = btf
+    pcs = label_pcs(items)
+    records = [(pcs[label_name], type_id) for label_name, type_id in funcs]
+    code = assemble_loadable(items, map_fd)
+    try:
+        fd = prog_load_btf_code(SCHED_CLS, code, name, btf_fd, records)
+    except bpf_syscalls.BpfError as exc:
+        reason = str(exc).rsplit("|", 1)[-1].strip()
+        stats[f"refused: {reason[:60]}"] += 1
+        return None
+    stats["accepted"] += 1
+    return fd
+
+
+def _calls_helper(fd: int, helper_names: dict[int, str], name: str) -> bool:
+    insns = bpf_syscalls.prog_info(bpf_syscalls.prog_id_of_fd(fd)).insns or ()
+    return any(
+        i.code == 0x85 and i.src == 0 and helper_names.get(i.imm, "").split(".")[0] == name
+        for i in insns
+    )
+
+
+def _count_outcome(stats: Counter[str], verdicts: ProgramVerdicts, returned: set[int]) -> None:
+    stats["claimed a set" if verdicts.values is not None else "unknown"] += 1
+    verdict_class = never_transparent_when_the_chain_ends(verdicts, returned)
+    stats[f"class {verdict_class.value}"] += 1
+    if returned & semantics.CLSACT_TERMINAL_VALUES:
+        stats["kernel returned a chain-ending value"] += 1
+
+
+def test_random_callbacks_agree_with_the_kernel(
+    helper_names: dict[int, str], callback_btf: BtfByShape, two_entry_array: int
+) -> None:
+    """A callback writes generated values at generated offsets of the pointer it gets, below
+    it too: every value the kernel returns is in the claimed set, and a program the kernel
+    shows ending the chain is never transparent. Inlined loops (bpf_loop, flags 0) are
+    followed as BPF-to-BPF calls; a helper call loses the whole frame (unknown)."""
+    stats: Counter[str] = Counter()
+
+    @settings(
+        max_examples=150,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(program=callback_programs())
+    def check(program: CallbackProgram) -> None:
+        btf = callback_btf[program.helper, program.with_writer]
+        fd = _load_with_btf(program.items, btf, stats, "fuzz_cb", two_entry_array)
+        if fd is None:
+            return
+        try:
+            inlined = not _calls_helper(fd, helper_names, "bpf_loop")
+            verdicts, returned = check_against_kernel(fd, helper_names, "callbacks")
+        finally:
+            os.close(fd)
+        if program.helper == BPF_FOR_EACH_MAP_ELEM:
+            stats["bpf_for_each_map_elem"] += 1
+        else:
+            stats["bpf_loop inlined" if inlined else "bpf_loop called"] += 1
+        stats["writes below the pointer"] += program.writes_below
+        stats["through a writer"] += program.with_writer
+        _count_outcome(stats, verdicts, returned)
+        if inlined and verdicts.values is not None and returned & semantics.CLSACT_TERMINAL_VALUES:
+            stats["inlined, exact and terminal"] += 1
+
+    with no_fd_leak():
+        check()
+    _report("callbacks", stats)
+    FIGURES.update({f"callbacks {k}": v for k, v in stats.items() if not k.startswith("refused")})
+    assert stats["accepted"] >= 0.3 * stats["generated"], stats
+    assert stats["bpf_loop inlined"] >= 10 and stats["bpf_loop called"] >= 10, stats
+    assert stats["bpf_for_each_map_elem"] >= 10, stats
+    assert stats["kernel returned a chain-ending value"] >= 10, stats
+    assert stats["claimed a set"] >= 10, stats
+
+
+# --- 5. kfuncs: bpf_throw from any frame -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def throw_id() -> int:
+    vmlinux = Btf(Path("/sys/kernel/btf/vmlinux").read_bytes())
+    try:
+        return vmlinux.find(KIND_FUNC, "bpf_throw")
+    except BtfLookupError:
+        pytest.skip("this kernel's BTF has no bpf_throw (kernels before 6.7)")
+
+
+def test_random_programs_with_bpf_throw_agree_with_the_kernel(
+    helper_names: dict[int, str], throw_id: int
+) -> None:
+    """The random programs of (1) with bpf_throw(cookie) calls in any function: the program
+    ends there with the cookie. Analysed twice: with the kfunc named (the cookie is a may-value
+    of an unknown exit) and with it unnamed (a kfunc that may end the program: unknown)."""
+    stats: Counter[str] = Counter()
+    unnamed = {imm: name for imm, name in helper_names.items() if not name.startswith("bpf_throw")}
+
+    @settings(
+        max_examples=120,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(items=programs(throw_id=throw_id))
+    def check(items: list[Item]) -> None:
+        fd = _load(assemble_loadable(items), stats, "fuzz_throw")
+        if fd is None:
+            return
+        try:
+            verdicts, returned = check_against_kernel(fd, helper_names, "bpf_throw")
+            blind, _ = check_against_kernel(fd, unnamed, "bpf_throw, unnamed")
+        finally:
+            os.close(fd)
+        _count_outcome(stats, verdicts, returned)
+        threw = any("bpf_throw" in e.note for e in verdicts.exits)
+        stats["an exit through bpf_throw"] += threw
+        if threw:
+            assert blind.values is None, explain(blind)
+            stats["unnamed kfunc: unknown"] += 1
+
+    with no_fd_leak():
+        check()
+    _report("bpf_throw", stats)
+    FIGURES.update({f"throw {k}": v for k, v in stats.items() if not k.startswith("refused")})
+    assert stats["accepted"] >= 0.3 * stats["generated"], stats
+    assert stats["an exit through bpf_throw"] >= 20, stats
+    assert stats["kernel returned a chain-ending value"] >= 10, stats
+
+
+# --- 6. classic BPF: random filters, a reference interpreter, the kernel through a socket ------
+
+# The oracle: classic programs have no BPF_PROG_TEST_RUN. The kernel runs them (converted to
+# eBPF by bpf_prepare_filter, as it does the bytecode of a cls_bpf filter) as a socket filter on
+# one end of an AF_UNIX datagram pair: a return of 0 drops the datagram, any other value v
+# delivers min(v, length) bytes. That shows 0 / not 0 (match / no match in cls_bpf's class-id
+# mode) and small values exactly; a reference interpreter written here gives every value, and
+# must agree with the kernel on each run (where the kernel's behaviour is modelled at all).
+SO_ATTACH_FILTER = 26
+ClassicOp = tuple[int, int, int, int]
+U32_MASK = 0xFFFFFFFF
+_classic_k = st.one_of(
+    st.sampled_from((0, 1, 2, 3, 4, 7, 8, 42, 0xFF, 0x10000, 0x7FFFFFFF, U32_MASK)),
+    st.integers(0, U32_MASK),
+)
+CLASSIC_ALU = (0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x90, 0xA0)  # add .. xor
+CLASSIC_JUMPS = (0x10, 0x20, 0x30, 0x40)  # jeq, jgt, jge, jset
+SIZES_CLASSIC = {0x00: 4, 0x08: 2, 0x10: 1}  # BPF_W, BPF_H, BPF_B
+
+
+class _Undefined(Exception):
+    """What the kernel does here is not modelled (a negative packet offset)."""
+
+
+@st.composite
+def classic_op(draw, room: int) -> ClassicOp:
+    """One valid classic instruction with `room` instructions after it (jumps stay inside)."""
+    d = draw
+    kind = d(st.sampled_from(("ld", "ld", "ldx", "st", "alu", "alu", "misc", "jmp", "jmp", "ret")))
+    if kind == "ld":
+        mode = d(st.sampled_from((0x00, 0x20, 0x20, 0x40, 0x60, 0x80)))  # imm abs ind mem len
+        size = 0x00 if mode in (0x00, 0x60, 0x80) else d(st.sampled_from(tuple(SIZES_CLASSIC)))
+        k = {0x00: d(_classic_k), 0x60: d(st.integers(0, 3))}.get(mode, d(st.integers(0, 40)))
+        return (mode | size, 0, 0, k)
+    if kind == "ldx":
+        code = d(st.sampled_from((0x01, 0x61, 0x81, 0xB1)))  # imm mem len msh
+        k = {0x01: d(_classic_k), 0x61: d(st.integers(0, 3))}.get(code, d(st.integers(0, 40)))
+        return (code, 0, 0, k)
+    if kind == "st":
+        return (d(st.sampled_from((0x02, 0x03))), 0, 0, d(st.integers(0, 3)))
+    if kind == "alu":
+        op, use_x = d(st.sampled_from(CLASSIC_ALU + (0x80,))), d(st.booleans())
+        if op in (0x60, 0x70):
+            k = d(st.integers(0, 31))
+        elif op in (0x30, 0x90):
+            k = d(_classic_k.filter(bool))
+        else:
+            k = d(_classic_k)
+        return (0x04 | op | (0x08 if use_x and op != 0x80 else 0), 0, 0, 0 if use_x else k)
+    if kind == "misc":
+        return (d(st.sampled_from((0x07, 0x87))), 0, 0, 0)  # tax, txa
+    if kind == "jmp" and room > 0:
+        if d(st.integers(0, 4)) == 0:
+            return (0x05, 0, 0, d(st.integers(0, room - 1)))  # ja
+        op, use_x = d(st.sampled_from(CLASSIC_JUMPS)), d(st.booleans())
+        jt, jf = (d(st.integers(0, min(room - 1, 255))) for _ in range(2))
+        return (0x05 | op | (0x08 if use_x else 0), jt, jf, 0 if use_x else d(_classic_k))
+    return (d(st.sampled_from((0x06, 0x06, 0x16))), 0, 0, d(_classic_k))  # ret k, ret a
+
+
+@st.composite
+def classic_programs(draw) -> tuple[ClassicOp, ...]:
+    """1 to 16 instructions ending in a ret (the kernel requires it)."""
+    n = draw(st.integers(0, 15))
+    ops = [draw(classic_op(n - pc)) for pc in range(n)]
+    ops.append((draw(st.sampled_from((0x06, 0x16))), 0, 0, draw(_classic_k)))
+    return tuple(ops)
+
+
+def _load_packet(packet: bytes, offset: int, size: int) -> int | None:
+    """A big-endian load, None when it falls outside the packet (the program returns 0)."""
+    if offset & 0x80000000:
+        raise _Undefined("negative packet offset")
+    if offset + size > len(packet):
+        return None
+    return int.from_bytes(packet[offset : offset + size], "big")
+
+
+def _alu(op: int, a: int, operand: int) -> int | None:
+    """A after `a op operand` (32 bits); None for a division by 0 (the program returns 0)."""
+    if op in (0x30, 0x90) and operand == 0:
+        return None
+    results = {
+        0x00: a + operand, 0x10: a - operand, 0x20: a * operand, 0x30: a // max(operand, 1),
+        0x40: a | operand, 0x50: a & operand, 0x60: a << (operand & 31),
+        0x70: a >> (operand & 31), 0x80: -a, 0x90: a % max(operand, 1), 0xA0: a ^ operand,
+    }  # fmt: skip
+    return results[op] & U32_MASK
+
+
+def _jump_taken(op: int, a: int, operand: int) -> bool:
+    return {0x10: a == operand, 0x20: a > operand, 0x30: a >= operand, 0x40: bool(a & operand)}[op]
+
+
+def classic_run(ops: tuple[ClassicOp, ...], packet: bytes) -> int:
+    """What the kernel's classic BPF returns for `packet` (32 bits, unsigned); raises
+    _Undefined where the kernel's behaviour is not modelled."""
+    a = x = pc = 0
+    memory = [0] * 16
+    while True:
+        code, jt, jf, k = ops[pc]
+        cls = code & 0x07
+        pc += 1
+        if cls == 0x06:  # ret
+            return a if code & 0x18 == 0x10 else k
+        if cls == 0x00:  # ld
+            mode = code & 0xE0
+            if mode in (0x20, 0x40):
+                offset = (k + (x if mode == 0x40 else 0)) & U32_MASK
+                loaded = _load_packet(packet, offset, SIZES_CLASSIC[code & 0x18])
+                if loaded is None:
+                    return 0
+                a = loaded
+            else:
+                a = {0x00: k, 0x60: memory[k % 16], 0x80: len(packet)}[mode]
+        elif cls == 0x01:  # ldx
+            if code == 0xB1:
+                loaded = _load_packet(packet, k, 1)
+                if loaded is None:
+                    return 0
+                x = (loaded & 0xF) << 2
+            else:
+                x = {0x01: k, 0x61: memory[k % 16], 0x81: len(packet)}[code]
+        elif cls in (0x02, 0x03):  # st, stx
+            memory[k % 16] = a if cls == 0x02 else x
+        elif cls == 0x04:  # alu
+            result = _alu(code & 0xF0, a, x if code & 0x08 else k)
+            if result is None:
+                return 0
+            a = result
+        elif cls == 0x07:  # tax, txa
+            a, x = (a, a) if code == 0x07 else (x, x)
+        elif code == 0x05:  # ja
+            pc += k
+        else:
+            pc += jt if _jump_taken(code & 0xF0, a, x if code & 0x08 else k) else jf
+
+
+def _attach_classic(sock: socket.socket, ops: tuple[ClassicOp, ...]) -> None:
+    raw = b"".join(struct.pack("HBBI", *op) for op in ops)
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    fprog = struct.pack("HL", len(ops), ctypes.addressof(buf))  # struct sock_fprog
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+def _kernel_delivers(receiver: socket.socket, sender: socket.socket, packet: bytes) -> int:
+    """How many bytes of `packet` the filtered end receives (0: dropped)."""
+    sender.send(packet)
+    try:
+        return len(receiver.recv(1 << 16, socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return 0
+
+
+CLASSIC_PACKETS = (
+    bytes(range(1, 61)),
+    bytes([0x45, 0, 0, 0x54]) + bytes(8) + bytes([6, 0xFF]) * 9,
+    b"\xff" * 300,
+    b"\x07",
+    bytes(24),
+)
+
+
+def test_random_classic_filters_agree_with_an_interpreter_and_the_kernel() -> None:
+    """Every value a classic filter returns on a packet (interpreter, checked against what the
+    kernel delivers) is in the set tcprio claims when it claims one (a failed packet load or a
+    division by 0 returns 0: allowed as "no match" whatever the set says, see below), and a
+    filter the kernel shows matching is never called transparent."""
+    stats: Counter[str] = Counter()
+
+    @settings(max_examples=400, deadline=None, database=None)
+    @given(ops=classic_programs())
+    def check(ops: tuple[ClassicOp, ...]) -> None:
+        stats["generated"] += 1
+        returns = analyse_classic(ops)
+        values = returns.values if returns.complete else None
+        verdict = semantics.classify_clsact_classid(values, (), returns.values)
+        receiver, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with receiver, sender:
+            try:
+                _attach_classic(receiver, ops)
+            except OSError as exc:
+                stats[f"refused: {os.strerror(exc.errno)}"] += 1
+                return
+            stats["accepted"] += 1
+            delivered = {p: _kernel_delivers(receiver, sender, p) for p in CLASSIC_PACKETS}
+        matched = any(delivered.values())
+        for packet, length in delivered.items():
+            try:
+                value = classic_run(ops, packet)
+            except _Undefined:
+                stats["runs not modelled"] += 1
+                continue
+            assert length == min(value, len(packet)), ("interpreter and kernel differ", ops)
+            claimed = {v & U32_MASK for v in returns.values}
+            if values is not None:  # a failed load or a division by 0 returns 0: claimed too
+                assert value in claimed, ("returned outside the claimed set", ops, value, returns)
+                stats["runs inside the claimed set"] += 1
+        if matched:
+            stats["kernel showed a match"] += 1
+            assert verdict.verdict_class is not VerdictClass.TRANSPARENT, (ops, returns)
+        stats[f"class {verdict.verdict_class.value}"] += 1
+
+    with no_fd_leak():
+        check()
+    _report("classic filters", stats)
+    FIGURES.update({f"classic {k}": v for k, v in stats.items() if not k.startswith("refused")})
+    assert stats["accepted"] >= 0.3 * stats["generated"], stats
+    assert stats["kernel showed a match"] >= 50 and stats["class transparent"] >= 10, stats

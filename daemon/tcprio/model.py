@@ -24,6 +24,7 @@ class HookKind(StrEnum):
 
     TCX = "tcx"
     CLSACT = "clsact"
+    NETKIT = "netkit"  # a netkit device's program chain, run before the other device's ingress
 
 
 class VerdictClass(StrEnum):
@@ -94,6 +95,30 @@ class TcxEntry:
     link_id: int | None = None  # None when attached without a link (legacy BPF_PROG_ATTACH)
 
 
+class NetkitChain(StrEnum):
+    """The two program chains of a netkit pair (BPF_NETKIT_PRIMARY / BPF_NETKIT_PEER)."""
+
+    PRIMARY = "primary"  # runs when the primary transmits: before the peer's ingress
+    PEER = "peer"  # runs when the peer transmits: before the primary's ingress
+
+
+@dataclass(frozen=True)
+class NetkitDevice:
+    """One end of a netkit pair (kernel 6.7+), as its link dump and BPF_PROG_QUERY show it.
+
+    Both chains are read on the primary only (the kernel answers queries there alone)."""
+
+    primary: bool
+    peer_ifindex: int | None = None  # IFLA_LINK: the other end, in its own namespace
+    peer_netnsid: int | None = None  # IFLA_LINK_NETNSID; None when both ends share a namespace
+    mode: int | None = None  # NETKIT_L2 (0) or NETKIT_L3 (1)
+    policy: int | None = None  # what this end's transmits get without programs: 0 pass, 2 drop
+    peer_policy: int | None = None  # the same, for the other end
+    primary_chain: tuple[TcxEntry, ...] = ()
+    peer_chain: tuple[TcxEntry, ...] = ()
+    error: str | None = None  # a chain that could not be read
+
+
 @dataclass(frozen=True)
 class HookInventory:
     """Everything that sees a packet on one interface in one direction."""
@@ -112,6 +137,7 @@ class Interface:
     name: str
     hooks: tuple[HookInventory, ...]
     kind: str | None = None  # link kind: "veth", "bridge", ...
+    netkit: NetkitDevice | None = None  # a netkit device's pair and program chains
 
 
 @dataclass(frozen=True)
@@ -319,6 +345,8 @@ class Classifier:
     is_datadog: bool = False
     vendor_evidence: str = ""  # the names that identified the vendor, one line
     block: int | None = None  # the shared filter block it is on (it runs on every hook bound)
+    # netkit only: whose chain it is, e.g. "peer chain of nk0" (the primary device's name)
+    netkit_chain: str | None = None
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,7 @@ def classifier_json(c: Classifier) -> dict[str, Any]:
         "verdict_class": str(c.verdict.verdict_class),
         "terminal_actions": list(c.verdict.terminal_actions),
         "verdict_reason": c.verdict.reason,
+        **({"netkit_chain": c.netkit_chain} if c.netkit_chain else {}),
     }
 
 
@@ -135,12 +136,20 @@ def _interface_json(ns_name: str, interface: Interface, reports: dict) -> dict[s
                 "notes": list(report.notes) if report else [],
             }
         )
-    return {
+    found = {
         "name": interface.name,
         "ifindex": interface.ifindex,
         "kind": interface.kind,
         "hooks": hooks,
     }
+    if interface.netkit is not None:
+        nk = interface.netkit
+        found["netkit"] = {
+            "primary": nk.primary, "peer_ifindex": nk.peer_ifindex,
+            "peer_netnsid": nk.peer_netnsid, "mode": nk.mode, "policy": nk.policy,
+            "peer_policy": nk.peer_policy, "error": nk.error,
+        }  # fmt: skip
+    return found
 
 
 def _namespace_json(inv: NamespaceInventory, reports: dict) -> dict[str, Any]:
@@ -276,7 +285,9 @@ def _verdict_text(c: Classifier) -> str:
 
 
 def classifier_line(c: Classifier) -> str:
-    if c.hook is HookKind.TCX:
+    if c.hook is HookKind.NETKIT:
+        where = f"netkit #{c.position}" + (f" link {c.link_id}" if c.link_id else "")
+    elif c.hook is HookKind.TCX:
         where = f"tcx #{c.position}" + (f" link {c.link_id}" if c.link_id else "")
     else:
         chain = f" chain {c.chain}" if c.chain else ""
@@ -286,7 +297,8 @@ def classifier_line(c: Classifier) -> str:
         flags = " da" if c.direct_action else " classid"
     prog = f" prog {c.prog_id}" if c.prog_id is not None else ""
     vendor = f" [{c.vendor}]" if c.vendor else ""
-    return f"{where:<24} {c.kind}{flags} '{c.name}'{prog}{vendor}  {_verdict_text(c)}"
+    chain = f" ({c.netkit_chain})" if c.netkit_chain else ""
+    return f"{where:<24} {c.kind}{flags} '{c.name}'{prog}{vendor}{chain}  {_verdict_text(c)}"
 
 
 def _setting_line(label: str, s: Setting | None) -> str:

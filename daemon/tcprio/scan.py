@@ -9,11 +9,13 @@ from dataclasses import dataclass, field, replace
 from tcprio.analysis import semantics, vendors
 from tcprio.analysis.classic_bpf import analyse_classic
 from tcprio.analysis.conflicts import DatadogTarget, HookClassifiers, analyse
+from tcprio.analysis.netkit import NetkitPlacement, PlacedChain, chain_program_ids, place_chains
 from tcprio.analysis.remedies import attach_remedies, incompatibility_notes
 from tcprio.analysis.shadowing import ObserverRule, find_shadowings
 from tcprio.analysis.verdicts import AnalysisLimits, SharedVerdicts, analyse_program
 from tcprio.datadog import resolve_settings
 from tcprio.kernel import bpf_syscalls
+from tcprio.kernel.btf import running_kernel_skb_cb_area
 from tcprio.kernel.namespaces import discover_namespaces
 from tcprio.kernel.programs import ProgramCatalogue, collect_programs
 from tcprio.kernel.tc_inventory import read_namespace
@@ -69,6 +71,7 @@ def attached_program_ids(inventories: Iterable[NamespaceInventory]) -> list[int]
             for hook in interface.hooks:
                 ids.extend(f.prog_id for f in hook.filters if f.prog_id is not None)
                 ids.extend(t.prog_id for t in hook.tcx)
+    ids.extend(chain_program_ids(inventories))
     return ids
 
 
@@ -99,6 +102,11 @@ class ProgramCache:
             self._helper_names = bpf_syscalls.helper_symbols()
         return self._helper_names
 
+    @staticmethod
+    def ctx_cb() -> tuple[int, int] | None:
+        """Where a tc program's skb->cb[] lies in the running kernel (its BTF, read once)."""
+        return running_kernel_skb_cb_area()
+
     def missing(self, catalogue: ProgramCatalogue, roots: Iterable[int]) -> list[int]:
         """The roots without a verdict for what their prog arrays hold now."""
         found = []
@@ -116,12 +124,13 @@ class ProgramCache:
         """Verdicts of `roots`, each with the prog-array state it holds for. Pure analysis: the
         daemon runs it on its analysis thread (nothing else uses `shared` meanwhile)."""
         helpers = self._helpers()
+        ctx_cb = self.ctx_cb()
         analysed = {}
         for prog_id in roots:
             verdict = self.shared.verdicts(
                 prog_id, catalogue.programs, catalogue.maps,
                 lambda root, masks, progs, maps: analyse_program(
-                    root, progs, maps, helpers, self.limits, masks
+                    root, progs, maps, helpers, self.limits, masks, ctx_cb
                 ),
             )  # fmt: skip
             analysed[prog_id] = (tail_call_state(prog_id, catalogue), verdict)
@@ -218,6 +227,34 @@ def tcx_verdict(
     return semantics.classify_tcx(analysed.values, analysed.known_values)
 
 
+def netkit_classifier(
+    entry: TcxEntry,
+    chain: PlacedChain,
+    verdicts: Mapping[int, ProgramVerdicts],
+    catalogue: ProgramCatalogue,
+) -> Classifier:
+    program = catalogue.programs.get(entry.prog_id)
+    prog_name = display_name(program)
+    vendor, _, evidence = _identity(prog_name, None)
+    analysed = _program_verdicts(entry.prog_id, verdicts, catalogue)
+    verdict = (
+        _unknown(analysed)
+        if isinstance(analysed, str)
+        else semantics.classify_netkit(analysed.values, analysed.known_values)
+    )
+    return Classifier(
+        hook=HookKind.NETKIT,
+        position=entry.position,
+        prog_id=entry.prog_id,
+        name=prog_name or f"prog {entry.prog_id}",
+        vendor=vendor,
+        verdict=verdict,
+        link_id=entry.link_id,
+        vendor_evidence=evidence,
+        netkit_chain=chain.label,
+    )
+
+
 def _identity(prog_name: str | None, filter_name: str | None) -> tuple[str | None, bool, str]:
     """(vendor, whether it is Datadog's classifier, the evidence)."""
     found = vendors.identify_with_evidence(prog_name, filter_name)
@@ -284,11 +321,15 @@ def hook_classifiers(
     hook: HookInventory,
     verdicts: Mapping[int, ProgramVerdicts],
     catalogue: ProgramCatalogue,
+    netkit: PlacedChain | None = None,
 ) -> HookClassifiers:
+    """`netkit`: the netkit chain that runs before this (ingress) hook, if any."""
     found = [tcx_classifier(t, verdicts, catalogue) for t in hook.tcx]
     found += [filter_classifier(f, verdicts, catalogue) for f in hook.filters]
     if hook.block is not None:  # the same filters run on every hook bound to the block
         found = [c if c.hook is HookKind.TCX else replace(c, block=hook.block) for c in found]
+    if netkit is not None:
+        found += [netkit_classifier(e, netkit, verdicts, catalogue) for e in netkit.entries]
     return HookClassifiers(ns_name, ifname, hook.direction, tuple(found))
 
 
@@ -296,17 +337,24 @@ def all_hooks(
     inventories: Iterable[NamespaceInventory],
     verdicts: Mapping[int, ProgramVerdicts],
     catalogue: ProgramCatalogue,
+    placement: NetkitPlacement | None = None,
 ) -> list[HookClassifiers]:
+    """Every hook with a classifier; `placement` says which netkit chain precedes an ingress."""
+    before = placement.before_ingress if placement is not None else {}
     hooks = []
     for inventory in inventories:
         for interface in inventory.interfaces:
             for hook in interface.hooks:
-                if hook.filters or hook.tcx:
+                netkit = None
+                if hook.direction is Direction.INGRESS:
+                    netkit = before.get((inventory.namespace.key, interface.ifindex))
+                if hook.filters or hook.tcx or netkit:
                     hooks.append(
                         hook_classifiers(
-                            inventory.namespace.name, interface.name, hook, verdicts, catalogue
+                            inventory.namespace.name, interface.name, hook, verdicts, catalogue,
+                            netkit,
                         )
-                    )
+                    )  # fmt: skip
     return hooks
 
 
@@ -353,8 +401,11 @@ def analyse_node(
     roots = attached_program_ids(inventories)
     catalogue = catalogue if catalogue is not None else cache.catalogue(roots)
     verdicts = cache.verdicts(catalogue, roots)
-    result = analyse(all_hooks(inventories, verdicts, catalogue), datadog_target(datadog))
+    placement = place_chains(inventories)
+    hooks = all_hooks(inventories, verdicts, catalogue, placement)
+    result = analyse(hooks, datadog_target(datadog))
     result = attach_remedies(result, datadog)
+    result.notes.extend(placement.notes)
     result.notes.extend(
         incompatibility_notes(datadog, cilium_version, _has_vendor(result, "Cilium"))
     )

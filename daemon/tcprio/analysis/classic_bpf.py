@@ -4,7 +4,9 @@ cls_bpf runs classic bytecode in its class-id mode only (direct-action needs eBP
 match, next filter", any other value a match that ends the chain through the filter's actions.
 Classic BPF only jumps forward, so every instruction a jump or a fall-through reaches is taken
 as reachable (both sides of every conditional jump); the accumulator is followed only through
-`ld #k` / `ldx`-free straight code, which is all `ret a` needs in the common shapes.
+`ld #k` / `ldx`-free straight code, which is all `ret a` needs in the common shapes. A packet
+load beyond the packet and a division by an X of 0 end the program with 0 (the kernel's
+conversion to eBPF): a reachable one adds 0 to what it can return.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # include/uapi/linux/filter.h and bpf_common.h
-BPF_LD, BPF_ALU, BPF_JMP, BPF_RET, BPF_MISC = 0x00, 0x04, 0x05, 0x06, 0x07
+BPF_LD, BPF_LDX, BPF_ALU, BPF_JMP, BPF_RET, BPF_MISC = 0x00, 0x01, 0x04, 0x05, 0x06, 0x07
 BPF_IMM = 0x00  # BPF_LD mode
+PACKET_MODES = frozenset({0x20, 0x40, 0xA0})  # BPF_ABS, BPF_IND, BPF_MSH
+BPF_DIV, BPF_MOD = 0x30, 0x90
 BPF_K, BPF_X, BPF_A = 0x00, 0x08, 0x10  # BPF_RET sources
 BPF_JA = 0x00
 BPF_TAX, BPF_TXA = 0x00, 0x80  # BPF_MISC
@@ -52,6 +56,15 @@ def _successors(pc: int, op: Op) -> tuple[int, ...]:
     return (pc + 1,)
 
 
+def _may_end_with_zero(op: Op) -> bool:
+    """A packet load (it fails beyond the packet) or a division by X (X may be 0)."""
+    code = op[0]
+    cls = code & 0x07
+    if cls in (BPF_LD, BPF_LDX):
+        return code & 0xE0 in PACKET_MODES
+    return cls == BPF_ALU and code & 0xF0 in (BPF_DIV, BPF_MOD) and bool(code & BPF_X)
+
+
 def _accumulator(op: Op, a: int | None) -> int | None:
     """A after `op` when it is a known constant, else None."""
     code, _jt, _jf, k = op
@@ -85,6 +98,8 @@ def analyse_classic(ops: tuple[Op, ...]) -> ClassicReturns:
             else:
                 unknown.append(f"ret at {pc} returns {'x' if source == BPF_X else 'a'}")
             continue
+        if _may_end_with_zero(op):
+            values.add(0)
         a_after = _accumulator(op, a)
         for nxt in _successors(pc, op):
             if not pc < nxt < len(ops):

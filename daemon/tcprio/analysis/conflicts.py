@@ -2,7 +2,9 @@
 
 On one hook (interface + direction) a packet meets the tcx programs first, in their order, then
 the clsact filters of chain 0 by priority, and within one priority in the kernel's list order.
-Every classifier that sees the packet before Datadog's and may end the chain is a conflict.
+On an ingress hook fed by a netkit device, the programs of the netkit chain that delivers the
+packet run before all of them. Every classifier that sees the packet before Datadog's and may
+end the chain is a conflict.
 """
 
 from __future__ import annotations
@@ -49,12 +51,15 @@ class DatadogTarget:
 
 
 def execution_order(classifiers: Iterable[Classifier]) -> tuple[Classifier, ...]:
-    """tcx first in link order, then clsact chain 0 by (priority, list order), then other chains.
+    """netkit first, then tcx in link order, then clsact chain 0 by (priority, list order), then
+    other chains.
 
     Filters in chains other than 0 only run when an action jumps there; they come last.
     """
 
     def key(c: Classifier) -> tuple[int, int, int, int]:
+        if c.hook is HookKind.NETKIT:
+            return (-1, 0, 0, c.position)
         if c.hook is HookKind.TCX:
             return (0, 0, 0, c.position)
         if c.chain == 0:
@@ -106,7 +111,7 @@ def _datadog_position(ordered: Sequence[Classifier], target: DatadogTarget) -> _
 def _runs_before(c: Classifier, index: int, pos: _Position) -> bool:
     if c.is_datadog:
         return False
-    if c.hook is HookKind.TCX:
+    if c.hook in (HookKind.TCX, HookKind.NETKIT):
         return True
     if c.chain != 0:
         return False
@@ -122,17 +127,23 @@ class _Finding:
     fixable_below: int | None = None  # a classifier_priority lower than this fixes it
 
 
-def _tcx_finding(c: Classifier) -> _Finding | None:
+def _early_finding(c: Classifier) -> _Finding | None:
+    """A tcx or netkit program: it runs before every clsact filter, whatever their priority."""
+    if c.hook is HookKind.NETKIT:
+        where = f"runs in the netkit {c.netkit_chain}, before every tcx and clsact program here,"
+        short = f"runs in the netkit {c.netkit_chain}"
+    else:
+        where, short = "runs in tcx, before every clsact filter,", "runs in tcx"
     if c.verdict.verdict_class is VerdictClass.TERMINAL:
         return _Finding(
             Severity.CRITICAL,
-            f"{describe(c)} runs in tcx, before every clsact filter, and {terminal_text(c)}: "
+            f"{describe(c)} {where} and {terminal_text(c)}: "
             "it hides Datadog's classifier whatever its priority",
         )
     if c.verdict.verdict_class is VerdictClass.UNKNOWN:
         return _Finding(
             Severity.WARNING,
-            f"{describe(c)} runs in tcx before Datadog's classifier and tcprio could not prove "
+            f"{describe(c)} {short} before Datadog's classifier and tcprio could not prove "
             f"what it returns ({c.verdict.reason})",
         )
     return None
@@ -290,7 +301,8 @@ def analyse_hook(
     for index, c in enumerate(ordered):
         if not _runs_before(c, index, pos):
             continue
-        finding = _tcx_finding(c) if c.hook is HookKind.TCX else _clsact_finding(c, pos)
+        early = c.hook in (HookKind.TCX, HookKind.NETKIT)
+        finding = _early_finding(c) if early else _clsact_finding(c, pos)
         if finding is not None:
             found.append((c, finding))
     if not pos.attached:

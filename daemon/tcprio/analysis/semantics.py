@@ -1,6 +1,7 @@
 """What the kernel does with the value a classifier returns, on each kind of hook (pure).
 
-The rules follow the kernel sources (net/sched/cls_bpf.c, include/net/tcx.h, the actions of
+The rules follow the kernel sources (net/sched/cls_bpf.c, include/net/tcx.h, netkit_xmit in
+drivers/net/netkit.c, the actions of
 net/sched/act_api.c tcf_action_exec, u32_classify, __tcf_classify) and were checked with run
 counters on a 6.18 kernel (see the shared platform notes and tests/test_action_verdicts.py).
 """
@@ -53,6 +54,23 @@ TCX_NAMES: dict[int, str] = {
 }
 # tcx_action_code(): these end the whole hook; every other value becomes TCX_NEXT for clsact.
 TCX_HOOK_TERMINAL_VALUES = frozenset({TCX_PASS, TCX_DROP, TCX_REDIRECT})
+
+# netkit_xmit(): NETKIT_NEXT goes on to the next program of the chain (and, after the last one,
+# delivers like NETKIT_PASS whatever the device's policy: the policy only applies to a device
+# without programs); NETKIT_PASS delivers the packet to the other device, whose ingress hooks
+# (tcx, clsact) then run; NETKIT_REDIRECT hands it to skb_do_redirect, NETKIT_DROP and every
+# other value drop it (`default:` of its switch). Checked with run counters on 6.12.
+NETKIT_NEXT = -1
+NETKIT_PASS = 0
+NETKIT_DROP = 2
+NETKIT_REDIRECT = 7
+NETKIT_NAMES: dict[int, str] = {
+    NETKIT_NEXT: "NETKIT_NEXT",
+    NETKIT_PASS: "NETKIT_PASS",
+    NETKIT_DROP: "NETKIT_DROP",
+    NETKIT_REDIRECT: "NETKIT_REDIRECT",
+}
+NETKIT_DELIVERING_VALUES = frozenset({NETKIT_NEXT, NETKIT_PASS})
 
 _UNKNOWN_REASON = "its return values could not be determined"
 
@@ -244,6 +262,44 @@ def classify_tcx_chain(values: frozenset[int] | None) -> ClassifierVerdict:
         VerdictClass.TERMINAL,
         terminal_actions=tuple(TCX_NAMES.get(v, action_name(v)) for v in stopping),
         reason=f"can return {describe_values(stopping)}, which stops the tcx chain",
+    )
+
+
+def netkit_action_name(value: int) -> str:
+    """NETKIT_* name; a value without one is dropped like NETKIT_DROP."""
+    return NETKIT_NAMES.get(value, f"value {value} (dropped)")
+
+
+def classify_netkit(
+    values: frozenset[int] | None, partial: frozenset[int] = frozenset()
+) -> ClassifierVerdict:
+    """A netkit program, seen from the ingress hooks of the device it delivers to: TERMINAL
+    when it can keep the packet from reaching them (NETKIT_DROP, NETKIT_REDIRECT, or any value
+    but -1 and 0, which netkit_xmit drops). NETKIT_PASS still stops later programs of its own
+    netkit chain (not modelled, like a tcx value other than -1 on the tcx chain).
+    With `values` None, one such value among the `partial` values of the known exits is enough.
+    """
+    ends = "the packet never reaches the other device's tcx or clsact hooks"
+    if values is None:
+        terminal = sorted(partial - NETKIT_DELIVERING_VALUES)
+        if terminal:
+            names = tuple(netkit_action_name(v) for v in terminal)
+            return _partly_terminal(terminal, names, f"drops or redirects it: {ends}")
+        return ClassifierVerdict(VerdictClass.UNKNOWN, reason=_UNKNOWN_REASON)
+    if not values:
+        return ClassifierVerdict(VerdictClass.UNKNOWN, reason="no return value was found")
+    terminal = sorted(values - NETKIT_DELIVERING_VALUES)
+    if terminal:
+        names = ", ".join(f"{netkit_action_name(v)} ({v})" for v in terminal)
+        return ClassifierVerdict(
+            VerdictClass.TERMINAL,
+            terminal_actions=tuple(netkit_action_name(v) for v in terminal),
+            reason=f"can return {names}: {ends}",
+        )
+    shown = ", ".join(f"{NETKIT_NAMES[v]} ({v})" for v in sorted(values))
+    return ClassifierVerdict(
+        VerdictClass.TRANSPARENT,
+        reason=f"returns only {shown}: the packet goes on to the other device's ingress hooks",
     )
 
 

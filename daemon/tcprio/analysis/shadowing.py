@@ -4,7 +4,8 @@ out.
 `conflicts.py` protects Datadog's classifier; this module reports every other classifier that a
 terminal (or unknown) classifier earlier on its hook may keep from seeing packets. On a hook a
 packet meets the tcx programs first, in link order, then the clsact filters of chain 0 by
-priority and list order; any verdict that ends the chain there hides everything after it.
+priority and list order (on an ingress fed by a netkit device, that device's netkit chain before
+them all); any verdict that ends the chain there hides everything after it.
 
 Each hidden classifier is reported once, with the earliest classifier that may hide it and the
 count of the others, as one of three kinds:
@@ -31,7 +32,8 @@ Severity, from what the blocker may do to the hidden classifier's packets:
 When several classifiers may hide one, the most severe pair decides the kind and severity (the
 earliest on a tie) and the message names it too. Not seen: a tcx program returning a value
 other than -1, 0, 2 and 7 stops the later tcx programs although clsact still runs (the
-classifier's verdict, made for clsact, calls it transparent).
+classifier's verdict, made for clsact, calls it transparent), nor a netkit program returning
+NETKIT_PASS, which stops the later programs of its netkit chain but delivers the packet.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def may_hide(b: Classifier, h: Classifier) -> bool:
     """`b`, running before `h`, may end the chain for a packet `h` would see."""
     if b.verdict.verdict_class is VerdictClass.TRANSPARENT:
         return False
-    if b.hook is HookKind.TCX:
+    if b.hook in (HookKind.TCX, HookKind.NETKIT):
         return True
     if b.chain != 0 or h.hook is HookKind.TCX:
         return False
@@ -173,6 +175,8 @@ def _pair(b: Classifier, h: Classifier, hidden: _Owner, blocker: _Owner) -> _Pai
 
 
 def place(c: Classifier) -> str:
+    if c.hook is HookKind.NETKIT:
+        return f"in the netkit {c.netkit_chain} (#{c.position})"
     if c.hook is HookKind.TCX:
         return f"in tcx (#{c.position})"
     return f"at priority {c.priority or 0}"
@@ -186,7 +190,11 @@ def _verdict_text(b: Classifier) -> str:
 
 def how_it_hides(b: Classifier, h: Classifier) -> str:
     """Who hides `h` and how: tcx before clsact, a lower priority or the list order, verdicts."""
-    if b.hook is HookKind.TCX and h.hook is HookKind.CLSACT:
+    if b.hook is HookKind.NETKIT and h.hook is not HookKind.NETKIT:
+        where = f"runs in the netkit {b.netkit_chain}, before every tcx and clsact program, and"
+    elif b.hook is HookKind.NETKIT:
+        where = f"runs before it in the netkit {b.netkit_chain} (#{b.position}) and"
+    elif b.hook is HookKind.TCX and h.hook is HookKind.CLSACT:
         where = "runs in tcx, before every clsact filter, and"
     elif b.hook is HookKind.TCX:
         where = f"runs before it in tcx (#{b.position}) and"
@@ -243,7 +251,7 @@ def _message(h: Classifier, owner: _Owner, pairs: Sequence[_Pair], decisive: _Pa
 def _candidate(c: Classifier) -> bool:
     """Classifiers this module speaks for: not Datadog's (a conflict), and on the main path (a
     filter in another chain runs only when an action jumps there)."""
-    return not c.is_datadog and (c.hook is HookKind.TCX or c.chain == 0)
+    return not c.is_datadog and (c.hook is not HookKind.CLSACT or c.chain == 0)
 
 
 def shadowings_on_hook(

@@ -4,7 +4,8 @@ One parser for both uses in tcprio:
 - the FUNC names of a program's BTF (`parse_btf_func_names`; bpf_syscalls reads the bytes from
   the kernel), which give a program its full name;
 - the byte offsets of kernel structure members in /sys/kernel/btf/vmlinux (`Btf.byte_offset`),
-  which the live verdict probe compiles in.
+  which the live verdict probe compiles in, and where a tc program's skb->cb[] lies
+  (`running_kernel_skb_cb_area`), which the verdict analysis models.
 
 Only standalone BTF is understood: the BTF a loader hands to BPF_BTF_LOAD, and vmlinux. A
 module's BTF is split on top of vmlinux's and is not. Malformed data raises ValueError, and only
@@ -14,9 +15,11 @@ ValueError; a type or member that is not there raises `BtfLookupError`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import struct
 from array import array
 from dataclasses import dataclass
+from pathlib import Path
 
 BTF_MAGIC = 0xEB9F
 _HEADER = struct.Struct("=HBBIIIII")  # magic version flags hdr_len type_off/len str_off/len
@@ -35,6 +38,8 @@ _KIND_TRAILER: tuple[tuple[int, int], ...] = (
 )  # fmt: skip
 
 _MAX_DEPTH = 32  # modifiers in a row / anonymous members nested (libbpf's MAX_RESOLVE_DEPTH)
+VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
+SKB_CB_BYTES = 20  # struct __sk_buff's cb[5]
 
 
 class BtfLookupError(LookupError):
@@ -201,3 +206,20 @@ class Btf:
 def parse_btf_func_names(raw: bytes) -> dict[int, str]:
     """{type id: name} of every FUNC type of standalone raw BTF; ValueError when malformed."""
     return Btf(raw).func_names()
+
+
+def skb_cb_area(btf: Btf) -> tuple[int, int]:
+    """(offset from the context pointer, bytes) of a tc program's skb->cb[0..4] in its xlated
+    code: the verifier rewrites `__sk_buff.cb[i]` to offsetof(struct sk_buff, cb) +
+    offsetof(struct qdisc_skb_cb, data) + 4 * i (net/core/filter.c, bpf_convert_ctx_access)."""
+    start = btf.byte_offset("sk_buff", "cb") + btf.byte_offset("qdisc_skb_cb", "data")
+    return start, SKB_CB_BYTES
+
+
+@functools.cache
+def running_kernel_skb_cb_area() -> tuple[int, int] | None:
+    """`skb_cb_area` of the running kernel (read once); None without a readable vmlinux BTF."""
+    try:
+        return skb_cb_area(Btf(VMLINUX_BTF.read_bytes()))
+    except (OSError, ValueError, BtfLookupError):
+        return None

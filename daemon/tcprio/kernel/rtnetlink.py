@@ -26,6 +26,7 @@ NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x2, 0x300, 0x10
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 
 IFLA_IFNAME, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 18, 1
+IFLA_LINK, IFLA_LINK_NETNSID, IFLA_INFO_DATA = 5, 37, 2
 IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS = 29, 1 << 3
 TCA_KIND, TCA_OPTIONS, TCA_CHAIN = 1, 2, 11
 TCA_INGRESS_BLOCK, TCA_EGRESS_BLOCK = 13, 14  # a qdisc's shared filter blocks
@@ -64,6 +65,8 @@ _TC_GEN = struct.Struct("=IIiii")  # index, capab, action (the control verdict),
 _MIRRED_EACTION = struct.Struct("=i")  # after the tc_gen head of struct tc_mirred
 _GACT_PROB = struct.Struct("=HHi")  # struct tc_gact_p: ptype, pval, paction
 _LINK_ATTRS = frozenset({IFLA_IFNAME, IFLA_LINKINFO})
+_PAIR_ATTRS = frozenset({IFLA_LINK, IFLA_LINK_NETNSID})
+PAIRED_KINDS = frozenset({"netkit"})  # links whose other end and kind data tcprio reads
 _QDISC_ATTRS = frozenset({TCA_KIND, TCA_INGRESS_BLOCK, TCA_EGRESS_BLOCK})
 _FILTER_ATTRS = frozenset({TCA_KIND, TCA_OPTIONS, TCA_CHAIN})
 RECV_BUFFER = 1 << 16
@@ -141,6 +144,12 @@ class Link:
     ifindex: int
     name: str
     kind: str | None
+    # Only for PAIRED_KINDS: the other end's ifindex (IFLA_LINK), its namespace's id as this one
+    # numbers it (IFLA_LINK_NETNSID, absent when both ends share the namespace), and the kind's
+    # IFLA_INFO_DATA attributes (type -> payload).
+    peer_ifindex: int | None = None
+    peer_netnsid: int | None = None
+    info_data: dict[int, bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +181,21 @@ class FilterMessage:
     @property
     def protocol(self) -> int:
         return socket.ntohs(self.info & 0xFFFF)
+
+
+def _paired_link(
+    body: memoryview, ifindex: int, name: str, kind: str | None, data: memoryview | None
+) -> Link:
+    pair = parse_attrs(body, _IFINFOMSG.size, _PAIR_ATTRS)
+    netnsid = pair.get(IFLA_LINK_NETNSID)
+    return Link(
+        ifindex,
+        name,
+        kind,
+        peer_ifindex=as_u32(pair.get(IFLA_LINK)),
+        peer_netnsid=struct.unpack_from("=i", netnsid)[0] if netnsid is not None else None,
+        info_data={k: bytes(v) for k, v in parse_attrs(data).items()} if data is not None else {},
+    )
 
 
 class RtnlSocket:
@@ -246,9 +270,13 @@ class RtnlSocket:
                 continue
             _family, _type, ifindex, _flags, _change = _IFINFOMSG.unpack_from(body)
             attrs = parse_attrs(body, _IFINFOMSG.size, _LINK_ATTRS)
-            info = attrs.get(IFLA_LINKINFO)
-            kind = as_str(parse_attrs(info).get(IFLA_INFO_KIND)) if info is not None else None
-            found.append(Link(ifindex, as_str(attrs.get(IFLA_IFNAME)) or f"if{ifindex}", kind))
+            info = parse_attrs(attrs[IFLA_LINKINFO]) if IFLA_LINKINFO in attrs else {}
+            kind = as_str(info.get(IFLA_INFO_KIND))
+            name = as_str(attrs.get(IFLA_IFNAME)) or f"if{ifindex}"
+            if kind in PAIRED_KINDS:
+                found.append(_paired_link(body, ifindex, name, kind, info.get(IFLA_INFO_DATA)))
+            else:
+                found.append(Link(ifindex, name, kind))
         return found
 
     def qdiscs(self) -> list[Qdisc]:

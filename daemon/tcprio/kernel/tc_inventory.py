@@ -1,7 +1,8 @@
-"""Read the tc state of one network namespace: clsact / ingress qdiscs, their filters, tcx links.
+"""Read the tc state of one network namespace: clsact / ingress qdiscs, their filters, tcx links,
+netkit devices and their chains (`kernel/netkit.py`).
 
 Netlink goes through `rtnetlink` (a socket opened in the namespace, three kinds of dump);
-tcx through `bpf_syscalls`. Everything here is read-only.
+tcx and netkit through `bpf_syscalls`. Everything here is read-only.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import errno
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
-from tcprio.kernel import bpf_syscalls, rtnetlink
+from tcprio.kernel import bpf_syscalls, netkit, rtnetlink
 from tcprio.kernel.namespaces import NamespaceGone, entered
 from tcprio.kernel.rtnetlink import FilterMessage, NetlinkError, RtnlSocket
 from tcprio.model import (
@@ -200,8 +201,9 @@ def read_current_namespace(ns: NetNamespace) -> NamespaceInventory:
                 _read_hook(rtnl, link.ifindex, kind, direction, _block(qdisc, direction))
                 for direction in Direction
             )
+            device = netkit.read_device(link) if link.kind == "netkit" else None
             interfaces.append(
-                Interface(ifindex=link.ifindex, name=link.name, kind=link.kind, hooks=hooks)
+                Interface(link.ifindex, link.name, hooks, kind=link.kind, netkit=device)
             )
     return NamespaceInventory(namespace=ns, interfaces=tuple(interfaces))
 

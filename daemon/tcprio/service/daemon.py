@@ -162,6 +162,7 @@ class Daemon(TcxLinks):
         self.tcx_links: dict[int, tuple[int, int]] = {}  # link id -> (ifindex, parent)
         # link id -> (ifindex, parent, until): hooks to check again against the link list
         self.tcx_rechecks: dict[int, tuple[int, int, float]] = {}
+        self.netkit_links: dict[int, float] = {}  # netkit link id -> until when to look for it
         self.run_history: list[tuple[float, dict[int, RunStats]]] = []
         self.prog_arrays = ProgArrayWatch()
         self.linkless_tcx = LinklessTcxWatch()
@@ -627,7 +628,7 @@ class Daemon(TcxLinks):
         )
 
     def poll_links_and_stats(self) -> None:
-        """tcx links send no netlink event: new and removed links are polled instead."""
+        """tcx and netkit links send no netlink event: new and removed links are polled instead."""
         try:
             links = frozenset(bpf_syscalls.list_link_ids())
         except OSError:
@@ -644,6 +645,7 @@ class Daemon(TcxLinks):
             self._mark_tcx_hooks(changed)
         self._mark_tcx_shown_but_gone(links)
         self._recheck_tcx(changed)
+        self._mark_netkit_namespaces(links)
         for key, events in self.linkless_tcx.changed(self.inventories, self.watched).items():
             self.watched[key].pending.extend(events)  # attached without a link: no event
             self._mark_dirty(key)

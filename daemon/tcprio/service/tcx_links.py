@@ -1,8 +1,9 @@
-"""tcx links, as the daemon tracks them: they send no netlink event, so the daemon polls the
-kernel's link list and reads again the hooks a tcx link appeared on or went from.
+"""tcx and netkit links, as the daemon tracks them: they send no netlink event, so the daemon
+polls the kernel's link list and reads again the hooks a tcx link appeared on or went from, and
+the namespaces whose netkit chains a netkit link joined or left.
 
 A mixin of the daemon (`service/daemon.py`), which provides `inventories`, `watched`,
-`link_ids`, `tcx_links`, `tcx_rechecks`, `log` and `_mark_dirty`.
+`link_ids`, `tcx_links`, `tcx_rechecks`, `netkit_links`, `log` and `_mark_dirty`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tcprio.service.watch import TcEvent
 
 NsKey = tuple[int, int]
 TCX_RECHECK_S = 1.0  # a tcx link change: hooks read again until they show it, this long
+NETKIT_RECHECK_S = 1.0  # a new netkit link: namespaces read again until one shows it, this long
 DIRECTION_BY_PARENT = {0xFFFFFFF2: "ingress", 0xFFFFFFF3: "egress", 0xFFFF0000: "ingress"}
 TCX_PARENT = {bpf_syscalls.BPF_TCX_INGRESS: 0xFFFFFFF2, bpf_syscalls.BPF_TCX_EGRESS: 0xFFFFFFF3}
 
@@ -29,6 +31,7 @@ class TcxLinks:
     tcx_links: dict[int, tuple[int, int]]  # link id -> (ifindex, parent)
     # link id -> (ifindex, parent, until): hooks to check again against the link list
     tcx_rechecks: dict[int, tuple[int, int, float]]
+    netkit_links: dict[int, float]  # netkit link id -> until when to look for it
     log: Callable[..., None]
     _mark_dirty: Callable[[NsKey], None]
 
@@ -88,11 +91,37 @@ class TcxLinks:
                 info = bpf_syscalls.link_info(link)
             except OSError:
                 continue
+            if info.type == bpf_syscalls.BPF_LINK_TYPE_NETKIT:
+                self.netkit_links[link] = time.monotonic() + NETKIT_RECHECK_S
+                continue
             parent = TCX_PARENT.get(info.attach_type or 0)
             if info.type == bpf_syscalls.BPF_LINK_TYPE_TCX and info.ifindex and parent:
                 self.tcx_links[link] = (info.ifindex, parent)
                 changed.append((link, info.ifindex, parent))
         return changed
+
+    def _mark_netkit_namespaces(self, links: frozenset[int]) -> None:
+        """A netkit link names the device of its chain by index only, and the peer's may live
+        in another namespace: read again the namespace that shows a link the list no longer
+        has, and, while a new link shows nowhere (NETKIT_RECHECK_S at most), every namespace
+        holding a netkit primary (the chains are read there)."""
+        for link in [link for link in self.netkit_links if link not in links]:
+            del self.netkit_links[link]
+        shown: dict[int, NsKey] = {}
+        primaries: set[NsKey] = set()
+        for key, inventory in self.inventories.items():
+            for interface in inventory.interfaces:
+                nk = interface.netkit
+                if key in self.watched and nk is not None and nk.primary:
+                    primaries.add(key)
+                    chains = (*nk.primary_chain, *nk.peer_chain)
+                    shown.update((t.link_id, key) for t in chains if t.link_id is not None)
+        dirty = {key for link, key in shown.items() if link not in links}
+        now = time.monotonic()
+        if any(now <= until and link not in shown for link, until in self.netkit_links.items()):
+            dirty |= primaries
+        for key in dirty:
+            self._mark_dirty(key)
 
     def _holds_link(self, key: NsKey, link: int, ifindex: int, parent: int) -> bool:
         """Whether namespace `key` has (or had, at its last reading) tcx link `link`."""

@@ -6,7 +6,8 @@ BPF-to-BPF calls and tail calls, and reports a path as unknown whenever it canno
 
 The modules: `opcodes` (the instruction encoding), `domain` (abstract values, the stack, the
 machine state, arithmetic, the refinement by conditional jumps), `images` (programs decoded, with
-their blocks), `interpreter` (the analysis itself, its limits and the results), `tail_calls`
+their blocks), `helpers` (what it knows of kernel helpers), `ctx` (a tc program's context and
+its skb->cb[] words), `interpreter` (the analysis itself, its limits and the results), `tail_calls`
 (following tail calls), `explain` (the lines of --explain) and `sharing` (one analysis for
 programs that differ only in constants). Callers use the names below.
 """

@@ -8,7 +8,8 @@ Abstract values of a register or a stack slot:
   `r0 = TC_ACT_SHOT` with a verdict read from a map keeps the SHOT; a classifier that may
   return it may end the chain whatever else it returns);
 - FramePtr: the frame pointer of call frame N plus a known offset;
-- MapPtr: the address of one of a few maps (ld_imm64 with BPF_PSEUDO_MAP_FD).
+- MapPtr: the address of one of a few maps (ld_imm64 with BPF_PSEUDO_MAP_FD);
+- CtxPtr: the program's context (a tc program's struct __sk_buff; see ctx.py).
 """
 
 from __future__ import annotations
@@ -148,7 +149,22 @@ class MapPtr:
         return f"MapPtr({sorted(self.ids)})"
 
 
-Value = Consts | Unknown | FramePtr | MapPtr
+class CtxPtr:
+    """The context pointer a tc program gets in r1 (only where its cb[] is modelled)."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CtxPtr)
+
+    def __hash__(self) -> int:
+        return hash(CtxPtr)
+
+    def __repr__(self) -> str:
+        return "CtxPtr()"
+
+
+Value = Consts | Unknown | FramePtr | MapPtr | CtxPtr
 Piece = tuple[int, int, Value]  # (first byte in the 8-byte slot, size, value)
 SlotKey = tuple[int, int]  # (call frame, offset of the slot from that frame's r10)
 

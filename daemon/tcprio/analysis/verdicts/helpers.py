@@ -1,13 +1,22 @@
 """What the verdict analysis knows of the kernel's helpers: which ones decide a verdict
-(bpf_redirect*), which only read the memory they are given, which return 0 on success, and
-which run a callback of the program (pure; helpers are named through /proc/kallsyms).
+(bpf_redirect*), which only read the memory they are given, which return 0 on success, which
+run a callback of the program, and what a call may write in the stack (pure; helpers are named
+through /proc/kallsyms).
 """
 
 from __future__ import annotations
 
 import re
 
-from tcprio.analysis.verdicts.domain import Consts, Value
+from tcprio.analysis.verdicts.domain import (
+    Consts,
+    FramePtr,
+    Piece,
+    SlotKey,
+    Value,
+    may_point_to_stack,
+    stack_clobber,
+)
 
 TC_ACT_SHOT, TC_ACT_REDIRECT = 2, 7
 BPF_F_INGRESS = 1
@@ -65,9 +74,11 @@ ZERO_ON_SUCCESS_HELPERS = frozenset(
     }
 )
 # Helpers that run a callback of the program with a pointer the caller gave (bpf_loop's ctx...):
-# the callback's code may write anywhere in the caller's frame through it, below it too.
+# the callback's code may write anywhere in the caller's frame through it, below it too. The
+# verifier calls bpf_for_each_map_elem as the map type's own map_for_each_callback.
 CALLBACK_HELPERS = frozenset(
     {"bpf_loop", "bpf_for_each_map_elem", "bpf_user_ringbuf_drain", "bpf_find_vma"}
+    | {"bpf_for_each_array_elem", "bpf_for_each_hash_elem"}
 )
 ZERO_ON_SUCCESS_MAP_OPS = re.compile(r"^\w*_(update|delete|push)_elem$")
 # bpf_fib_lookup (bpf_skb_fib_lookup in tc): BPF_FIB_LKUP_RET_SUCCESS (0) .. _FRAG_NEEDED (8).
@@ -108,3 +119,37 @@ def helper_may_return(helper: str | None) -> frozenset[int]:
     if helper in ("bpf_skb_fib_lookup", "bpf_fib_lookup"):
         return FIB_LOOKUP_RESULTS
     return frozenset()
+
+
+def clobber_arguments(
+    regs: list[Value], stack: dict[SlotKey, tuple[Piece, ...]], pc: int, whole: bool = False
+) -> dict[SlotKey, tuple[Piece, ...]]:
+    """A helper may write through any stack pointer it is given, at and above it, and through
+    the stack pointers stored where those point. A callback it runs (`whole`) may also write
+    below it: anywhere in the frame the pointer points into."""
+    reason = f"may be written by the call at pc {pc}"
+    pending: list[tuple[int, int]] = []
+    for reg in range(1, 6):
+        arg = regs[reg]
+        if isinstance(arg, FramePtr):
+            pending.append((arg.frame, arg.off))
+        elif may_point_to_stack(arg):
+            return stack_clobber(stack, None, -(1 << 62), 1 << 62, reason)
+    done: set[tuple[int, int]] = set()
+    while pending:
+        region = pending.pop()
+        if region in done:
+            continue
+        done.add(region)
+        frame, lo = region
+        lo = -(1 << 62) if whole else lo
+        for key, pieces in stack.items():
+            if key[0] != frame or key[1] + 8 <= lo:
+                continue
+            for _start, _size, value in pieces:
+                if isinstance(value, FramePtr):
+                    pending.append((value.frame, value.off))
+                elif may_point_to_stack(value):
+                    return stack_clobber(stack, None, -(1 << 62), 1 << 62, reason)
+        stack = stack_clobber(stack, frame, lo, 1 << 62, reason)
+    return stack

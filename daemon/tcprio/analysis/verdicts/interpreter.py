@@ -8,9 +8,20 @@ import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from tcprio.analysis.verdicts.ctx import (
+    CbArea,
+    cb_after_helper,
+    cb_area_of,
+    cb_clobber,
+    cb_forget,
+    cb_load,
+    cb_store,
+    entry_context,
+)
 from tcprio.analysis.verdicts.domain import (
     Consts,
     Ctx,
+    CtxPtr,
     FramePtr,
     MapPtr,
     Piece,
@@ -41,6 +52,7 @@ from tcprio.analysis.verdicts.freplace import Replacements
 from tcprio.analysis.verdicts.helpers import (
     CALLBACK_HELPERS,
     VERDICT_HELPERS,
+    clobber_arguments,
     helper_may_return,
     reads_its_arguments_only,
     verdict_helper_result,
@@ -149,8 +161,10 @@ class _Analysis(TailCalls, Replacements):
         helper_names: Mapping[int, str],
         limits: AnalysisLimits,
         unknown_immediates: Mapping[int, frozenset[int]] | None = None,
+        ctx_cb: CbArea | None = None,
     ) -> None:
         self.root = root
+        self.cb_area = cb_area_of(ctx_cb, programs.get(root))  # None: cb[] is not modelled
         self.unknown_immediates = unknown_immediates or {}
         self.programs = programs
         self.maps = maps
@@ -188,7 +202,7 @@ class _Analysis(TailCalls, Replacements):
         self.images[self.root] = self._decode(self.root, info)
         self.tail_depth[self.root] = 0
         regs = uninit_regs(0)
-        regs[1] = Unknown("is the context pointer")
+        regs[1] = entry_context(self.cb_area)
         self._enter((), self.root, 0, State(tuple(regs), {}, ()), None)  # or its EXT program
         try:
             while self.queue:
@@ -427,10 +441,13 @@ class _Analysis(TailCalls, Replacements):
         size = SIZE_BYTES[code & 0x18]
         mode = code & 0xE0
         base = regs[src]
-        if mode in (MODE_MEM, MODE_MEMSX) and isinstance(base, FramePtr):
-            value = stack_load(stack, base.frame, base.off + off, size)
-            if isinstance(value, Unknown) and value.reason.startswith("was loaded from"):
-                value = Unknown(f"{value.reason} (pc {pc})", also=value.also)
+        if mode in (MODE_MEM, MODE_MEMSX) and isinstance(base, FramePtr | CtxPtr):
+            if isinstance(base, CtxPtr):
+                value = cb_load(self.cb_area, stack, off, size, pc)
+            else:
+                value = stack_load(stack, base.frame, base.off + off, size)
+                if isinstance(value, Unknown) and value.reason.startswith("was loaded from"):
+                    value = Unknown(f"{value.reason} (pc {pc})", also=value.also)
             if mode == MODE_MEMSX and size < 8:
                 value = self._sign_extend(value, size * 8, pc)
             regs[dst] = value
@@ -467,13 +484,16 @@ class _Analysis(TailCalls, Replacements):
             if at < -STACK_FRAME_BYTES or at + size > 0:
                 return f"store outside the stack frame (r10 {at:+d}) at pc {pc}", stack
             return None, stack_store(stack, target.frame, at, size, value)
+        if isinstance(target, CtxPtr):
+            return None, cb_store(self.cb_area, stack, off, size, value, pc)
         return None, self._clobber_through(target, off, size, stack, pc)
 
-    @staticmethod
     def _clobber_through(
-        target: Value, off: int, size: int, stack: dict[SlotKey, tuple[Piece, ...]], pc: int
+        self, target: Value, off: int, size: int, stack: dict[SlotKey, tuple[Piece, ...]], pc: int
     ) -> dict[SlotKey, tuple[Piece, ...]]:
         reason = f"was overwritten at pc {pc}"
+        if isinstance(target, CtxPtr):
+            return cb_clobber(self.cb_area, stack, off, size, pc)
         if isinstance(target, FramePtr):
             lo = target.off + off
             return stack_clobber(stack, target.frame, lo, lo + size, reason)
@@ -562,43 +582,10 @@ class _Analysis(TailCalls, Replacements):
             regs[0] = Unknown(f"is returned by {what} at pc {pc}", also=helper_may_return(name))
             if not reads_its_arguments_only(name):
                 whole = name in CALLBACK_HELPERS or name is None
-                stack = self._clobber_arguments(regs, stack, pc, whole)
+                stack = clobber_arguments(regs, stack, pc, whole)
+        stack = cb_after_helper(self.cb_area, name, regs, stack, pc)
         self._clobber_scratch(regs, pc)
         return None, stack
-
-    @staticmethod
-    def _clobber_arguments(
-        regs: list[Value], stack: dict[SlotKey, tuple[Piece, ...]], pc: int, whole: bool = False
-    ) -> dict[SlotKey, tuple[Piece, ...]]:
-        """A helper may write through any stack pointer it is given, at and above it, and
-        through the stack pointers stored where those point. A callback it runs (`whole`) may
-        also write below it: anywhere in the frame the pointer points into."""
-        reason = f"may be written by the call at pc {pc}"
-        pending: list[tuple[int, int]] = []
-        for reg in range(1, 6):
-            arg = regs[reg]
-            if isinstance(arg, FramePtr):
-                pending.append((arg.frame, arg.off))
-            elif may_point_to_stack(arg):
-                return stack_clobber(stack, None, -(1 << 62), 1 << 62, reason)
-        done: set[tuple[int, int]] = set()
-        while pending:
-            region = pending.pop()
-            if region in done:
-                continue
-            done.add(region)
-            frame, lo = region
-            lo = -(1 << 62) if whole else lo
-            for key, pieces in stack.items():
-                if key[0] != frame or key[1] + 8 <= lo:
-                    continue
-                for _start, _size, value in pieces:
-                    if isinstance(value, FramePtr):
-                        pending.append((value.frame, value.off))
-                    elif may_point_to_stack(value):
-                        return stack_clobber(stack, None, -(1 << 62), 1 << 62, reason)
-            stack = stack_clobber(stack, frame, lo, 1 << 62, reason)
-        return stack
 
     @staticmethod
     def _clobber_scratch(regs: list[Value], pc: int) -> None:
@@ -719,7 +706,8 @@ class _Analysis(TailCalls, Replacements):
                 "with a value of its own (as bpf_throw does)"
             )  # fmt: skip
         regs = list(state.regs)
-        stack = self._clobber_arguments(regs, state.stack, pc)
+        stack = clobber_arguments(regs, state.stack, pc)
+        stack = cb_forget(self.cb_area, stack, f"may be written by the kfunc at pc {pc}")
         regs[0] = Unknown(f"is returned by a kernel function (kfunc) at pc {pc}")
         self._clobber_scratch(regs, pc)
         self._goto(ctx, pc, pc + 1, State(tuple(regs), stack, state.frames))
@@ -784,14 +772,17 @@ def analyse_program(
     helper_names: Mapping[int, str],
     limits: AnalysisLimits = AnalysisLimits(),
     unknown_immediates: Mapping[int, frozenset[int]] | None = None,
+    ctx_cb: CbArea | None = None,
 ) -> ProgramVerdicts:
     """Every value program `prog_id` can return, following its calls and tail calls.
 
     `unknown_immediates` (program id -> pcs) makes those instructions' immediates unknown: the
     result then holds for every copy of the programs that differs only there (sharing.py).
+    `ctx_cb` (where skb->cb[] lies from the context pointer, and its bytes: the kernel's
+    layout) models a tc program's cb[] (ctx.py); None keeps every context load unknown.
     Never raises: whatever cannot be followed makes the result unknown, with the reason.
     """
-    analysis = _Analysis(prog_id, programs, maps, helper_names, limits, unknown_immediates)
+    analysis = _Analysis(prog_id, programs, maps, helper_names, limits, unknown_immediates, ctx_cb)
     try:
         analysis.run()
         return analysis.result()

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from tcprio.analysis.verdicts.domain import (
     Consts,
     Ctx,
+    CtxPtr,
     MapPtr,
     State,
     Unknown,
@@ -37,6 +38,7 @@ class TailCalls:
     images: dict[int, Image]
     tail_depth: dict[int, int]  # program -> how many tail calls lead to it from the root
     tail_notes: dict[int, str]  # program -> how it was first reached
+    cb_area: tuple[int, int] | None  # where skb->cb[] is, when modelled (ctx.py)
 
     def _tail_call(self, ctx: Ctx, pc: int, state: State) -> None:
         prog = ctx[1]
@@ -121,7 +123,8 @@ class TailCalls:
             self.tail_notes[target] = f"{how} (from prog {prog} pc {pc})"
         frame = len(callers)
         regs = uninit_regs(frame)
-        regs[1] = state.regs[1]
+        # The callee gets the context in r1, and the caller's cb[] (CB_FRAME is below `frame`).
+        regs[1] = CtxPtr() if self.cb_area is not None else state.regs[1]
         stack = {k: v for k, v in state.stack.items() if k[0] < frame}
         entered = State(tuple(regs), stack, state.frames)
         self._enter(callers, target, 0, entered, (prog, pc), tail_call=True)

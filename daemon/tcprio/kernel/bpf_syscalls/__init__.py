@@ -5,8 +5,8 @@ no libbpf, no netlink. Every failing call raises `BpfError`, naming the bpf comm
 
 The modules: `syscall` (the call itself, commands, constants, errors, `union bpf_attr`, ids and
 fds), `objects` (programs, maps and links as the kernel describes them, with notes on reading the
-translated instructions), `btf_names` (BTF objects, full program names), `tcx` (tcx query and
-attach, tracing attach), `freplace` (freplace links and the functions they replace), `run`
+translated instructions), `btf_names` (BTF objects, full program names), `tcx` (tcx and netkit
+query and attach, tracing attach), `freplace` (freplace links and the functions they replace), `run`
 (loading and test-running programs, prog arrays, run statistics) and `helpers` (kernel helper
 names from /proc/kallsyms). Callers use the names below.
 """
@@ -54,9 +54,12 @@ from tcprio.kernel.bpf_syscalls.run import (
 )
 from tcprio.kernel.bpf_syscalls.syscall import (
     BPF_FUNC_TAIL_CALL,
+    BPF_LINK_TYPE_NETKIT,
     BPF_LINK_TYPE_TCX,
     BPF_LINK_TYPE_TRACING,
     BPF_MAP_TYPE_PROG_ARRAY,
+    BPF_NETKIT_PEER,
+    BPF_NETKIT_PRIMARY,
     BPF_PROG_TYPE_EXT,
     BPF_PROG_TYPE_SCHED_ACT,
     BPF_PROG_TYPE_SCHED_CLS,
@@ -87,14 +90,23 @@ from tcprio.kernel.bpf_syscalls.syscall import (
     prog_fd_by_id,
     prog_type_name,
 )
-from tcprio.kernel.bpf_syscalls.tcx import tcx_attach, tcx_query, tracing_attach
+from tcprio.kernel.bpf_syscalls.tcx import (
+    netkit_attach,
+    netkit_query,
+    tcx_attach,
+    tcx_query,
+    tracing_attach,
+)
 from tcprio.kernel.btf import parse_btf_func_names  # callers still reach it here
 
 __all__ = [
     "BPF_FUNC_TAIL_CALL",
+    "BPF_LINK_TYPE_NETKIT",
     "BPF_LINK_TYPE_TCX",
     "BPF_LINK_TYPE_TRACING",
     "BPF_MAP_TYPE_PROG_ARRAY",
+    "BPF_NETKIT_PEER",
+    "BPF_NETKIT_PRIMARY",
     "BPF_PROG_TYPE_EXT",
     "BPF_PROG_TYPE_SCHED_ACT",
     "BPF_PROG_TYPE_SCHED_CLS",
@@ -138,6 +150,8 @@ __all__ = [
     "map_info_from_fd",
     "map_type_name",
     "may_be_helper",
+    "netkit_attach",
+    "netkit_query",
     "open_btf",
     "open_link",
     "open_map",

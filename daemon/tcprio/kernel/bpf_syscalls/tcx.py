@@ -1,10 +1,13 @@
-"""tcx: the chain of programs on a hook (query) and attaching to it; attaching tracing programs."""
+"""tcx and netkit: the chain of programs on a hook (query) and attaching to it; attaching tracing
+programs. Both are bpf_mprog chains: queried and attached the same way, by attach type."""
 
 from __future__ import annotations
 
 import errno
 
 from tcprio.kernel.bpf_syscalls.syscall import (
+    BPF_NETKIT_PEER,
+    BPF_NETKIT_PRIMARY,
     BPF_TRACE_FEXIT,
     TCX_ATTACH_TYPE,
     BpfCmd,
@@ -16,7 +19,9 @@ from tcprio.kernel.bpf_syscalls.syscall import (
     bpf,
     u32,
 )
-from tcprio.model import Direction, TcxEntry
+from tcprio.model import Direction, NetkitChain, TcxEntry
+
+NETKIT_ATTACH_TYPE = {NetkitChain.PRIMARY: BPF_NETKIT_PRIMARY, NetkitChain.PEER: BPF_NETKIT_PEER}
 
 
 def _tcx_query_once(
@@ -45,7 +50,17 @@ def _tcx_query_once(
 def tcx_query(ifindex: int, direction: Direction) -> tuple[TcxEntry, ...]:
     """The tcx chain of one hook, in execution order. `ifindex` is looked up in the calling
     thread's network namespace: enter the namespace first."""
-    attach_type = TCX_ATTACH_TYPE[direction]
+    return mprog_query(ifindex, TCX_ATTACH_TYPE[direction])
+
+
+def netkit_query(primary_ifindex: int, chain: NetkitChain) -> tuple[TcxEntry, ...]:
+    """One chain of a netkit pair, in execution order, asked on the PRIMARY device's ifindex
+    (in the calling thread's namespace; the peer's answers EACCES, another device ENXIO)."""
+    return mprog_query(primary_ifindex, NETKIT_ATTACH_TYPE[chain])
+
+
+def mprog_query(ifindex: int, attach_type: int) -> tuple[TcxEntry, ...]:
+    """A bpf_mprog chain (tcx, netkit) by attach type, in execution order."""
     capacity = 0
     for _ in range(5):
         attr, entries = _tcx_query_once(ifindex, attach_type, capacity)
@@ -62,6 +77,14 @@ def tcx_attach(prog_fd: int, ifindex: int, direction: Direction) -> int:
     """Append a sched_cls program to a tcx chain; returns the link fd (closing it detaches)."""
     attr = LinkCreateAttr(
         prog_fd=prog_fd, target_ifindex=ifindex, attach_type=TCX_ATTACH_TYPE[direction]
+    )
+    return bpf(BpfCmd.LINK_CREATE, attr)
+
+
+def netkit_attach(prog_fd: int, primary_ifindex: int, chain: NetkitChain) -> int:
+    """Append a sched_cls program to a netkit chain; returns the link fd (closing it detaches)."""
+    attr = LinkCreateAttr(
+        prog_fd=prog_fd, target_ifindex=primary_ifindex, attach_type=NETKIT_ATTACH_TYPE[chain]
     )
     return bpf(BpfCmd.LINK_CREATE, attr)
 
