@@ -118,6 +118,7 @@ def daemon(
     resync: int = 30,
     while_waiting: Callable[[RunningDaemon], None] | None = None,
     env: dict[str, str] | None = None,
+    ready_guard_s: float = HANG_GUARD_S,
 ) -> Iterator[RunningDaemon]:
     """A daemon on this test's namespaces, once ready; `while_waiting` runs at each check
     until then; `env` is added to its environment."""
@@ -145,7 +146,7 @@ def daemon(
         return False
 
     try:
-        wait_until(ready, "the daemon never became ready")
+        wait_until(ready, "the daemon never became ready", ready_guard_s)
         yield running
     finally:
         if proc.poll() is None:

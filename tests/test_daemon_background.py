@@ -35,6 +35,9 @@ PROGRAMS = 3
 # The daemon pings every 0.5 s; a loop busy analysing the three programs would go quiet for
 # their whole analysis (6 s here).
 WATCHDOG_GAP_S = 4.0
+# Ready once the first analysis is done: about 6 s here (3 programs of about 2 s), at most 3 x
+# 3.5 s at the work bound; the hang guard is ten times that.
+READY_GUARD_S = 120.0
 
 
 def fan_out(variant: int) -> tuple[tuple[Instruction, ...], list[int]]:
@@ -136,7 +139,8 @@ def test_the_daemon_answers_while_it_analyses_costly_programs(tmp_path: Path) ->
             _drain(sock, pings)
             time.sleep(0.1)
 
-        with daemon(tmp_path, while_waiting=while_analysing, env=env) as running:
+        with daemon(tmp_path, while_waiting=while_analysing, env=env,
+                    ready_guard_s=READY_GUARD_S) as running:  # fmt: skip
             ready_at = time.monotonic()
             samples = running.metrics()
             assert running.proc.poll() is None

@@ -53,6 +53,7 @@ Analyse = Callable[[int, Masks, Mapping[int, ProgramInfo], Mapping[int, MapInfo]
 MAX_GRAPH_PROGRAMS = 64  # larger graphs are analysed one by one
 MAX_SHAPES_PER_KEY = 4  # representatives kept for one key (copies that differ elsewhere)
 MAX_KEYS = 64  # graph shapes remembered, the least recently used forgotten first
+MAX_REMEMBERED = 65_536  # program digests and pairwise diffs kept (then forgotten at once)
 _PSEUDO_MAP_FD, _PSEUDO_MAP_VALUE = 1, 2
 _IDS = re.compile(r"\b(prog|program|map) (\d+)\b")
 
@@ -92,9 +93,14 @@ class GraphShape:
 
 
 def graph_shape(
-    root: int, programs: Mapping[int, ProgramInfo], maps: Mapping[int, MapInfo]
+    root: int,
+    programs: Mapping[int, ProgramInfo],
+    maps: Mapping[int, MapInfo],
+    digests: dict[int, bytes] | None = None,
 ) -> GraphShape | None:
-    """None when the graph cannot be shared: something missing or cut short, or too large."""
+    """None when the graph cannot be shared: something missing or cut short, or too large.
+    `digests` keeps each program's digest between calls (a program never changes)."""
+    digests = {} if digests is None else digests
     order, number = [root], {root: 0}
     map_order: list[int] = []
     map_number: dict[int, int] = {}
@@ -127,7 +133,10 @@ def graph_shape(
         if len(order) > MAX_GRAPH_PROGRAMS:
             return None
         local_maps = tuple(map_number[m] for m in info.map_ids)
-        program_keys.append((info.type, len(raw), _without_immediates(raw), local_maps))
+        digest = digests.get(prog_id)
+        if digest is None:
+            digest = digests[prog_id] = _without_immediates(raw)
+        program_keys.append((info.type, len(raw), digest, local_maps))
     return GraphShape(
         root, tuple(order), tuple(map_order), tuple(raws), (tuple(program_keys), tuple(map_keys))
     )
@@ -161,11 +170,14 @@ def _word(raw: bytes, pc: int) -> tuple[int, int, int]:
     return raw[pc * 8], raw[pc * 8 + 1] >> 4, int.from_bytes(raw[pc * 8 + 4 : pc * 8 + 8], "little")
 
 
-def _program_diff(
-    a: bytes, b: bytes, maps_a: dict[int, int], maps_b: dict[int, int]
-) -> frozenset[int] | None:
-    """The pcs where b's immediates are another value than a's, or None when b is other code."""
+ProgramDiff = tuple[frozenset[int], frozenset[tuple[int, int]]] | None
+
+
+def _program_diff(a: bytes, b: bytes) -> ProgramDiff:
+    """The pcs where b's immediates are another value than a's and the (a's, b's) map ids
+    their map references pair; None when b is other code."""
     masked: set[int] = set()
+    map_pairs: set[tuple[int, int]] = set()
     for pc in _differing_words(a, b):
         code, src, imm_a = _word(a, pc)
         imm_b = _word(b, pc)[2]
@@ -173,8 +185,7 @@ def _program_diff(
             return None
         if code == LD_IMM64:
             if src in (_PSEUDO_MAP_FD, _PSEUDO_MAP_VALUE):
-                if maps_a.get(imm_a) != maps_b.get(imm_b) or imm_a not in maps_a:
-                    return None
+                map_pairs.add((imm_a, imm_b))
                 continue
             if src != 0:
                 return None
@@ -187,21 +198,33 @@ def _program_diff(
             masked.add(pc)
         else:
             return None
-    return frozenset(masked)
+    return frozenset(masked), frozenset(map_pairs)
 
 
-def shape_diff(rep: GraphShape, copy: GraphShape) -> dict[int, frozenset[int]] | None:
-    """Local program number -> pcs whose immediates differ; None when not a copy."""
+def shape_diff(
+    rep: GraphShape,
+    copy: GraphShape,
+    memo: dict[tuple[int, int], ProgramDiff] | None = None,
+) -> dict[int, frozenset[int]] | None:
+    """Local program number -> pcs whose immediates differ; None when not a copy. `memo`
+    keeps each pair of programs' diff between calls (entry points share their stages)."""
     if rep.key != copy.key:
         return None
+    memo = {} if memo is None else memo
     maps_rep, maps_copy = rep.local_map(), copy.local_map()
     diff: dict[int, frozenset[int]] = {}
     for n, (a, b) in enumerate(zip(rep.raws, copy.raws, strict=True)):
         if a == b:
             continue
-        pcs = _program_diff(a, b, maps_rep, maps_copy)
-        if pcs is None:
+        pair = (rep.programs[n], copy.programs[n])
+        if pair not in memo:
+            memo[pair] = _program_diff(a, b)
+        found = memo[pair]
+        if found is None:
             return None
+        pcs, map_pairs = found
+        if any(maps_rep.get(x, -1) != maps_copy.get(y, -2) for x, y in map_pairs):
+            return None  # the map references pair maps in other places of the graphs
         if pcs:
             diff[n] = pcs
     return diff
@@ -282,6 +305,8 @@ class SharedVerdicts:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled  # off: every root analysed on its own (the bench's baseline)
         self._by_key: dict[tuple, list[_Representative]] = {}  # least recently used first
+        self._digests: dict[int, bytes] = {}  # program id -> digest without immediates
+        self._diffs: dict[tuple[int, int], ProgramDiff] = {}  # (program, copy) -> diff
         self.stats = SharingStats()
 
     def verdicts(
@@ -291,7 +316,9 @@ class SharedVerdicts:
         maps: Mapping[int, MapInfo],
         analyse: Analyse,
     ) -> ProgramVerdicts:
-        shape = graph_shape(root, programs, maps) if self.enabled else None
+        if len(self._diffs) > MAX_REMEMBERED or len(self._digests) > MAX_REMEMBERED:
+            self._diffs, self._digests = {}, {}
+        shape = graph_shape(root, programs, maps, self._digests) if self.enabled else None
         if shape is None:
             self.stats.analysed += 1
             return analyse(root, {}, programs, maps)
@@ -300,7 +327,7 @@ class SharedVerdicts:
         while len(self._by_key) > MAX_KEYS:
             del self._by_key[next(iter(self._by_key))]
         for rep in representatives:
-            diff = shape_diff(rep.shape, shape)
+            diff = shape_diff(rep.shape, shape, self._diffs)
             if diff is not None:
                 return self._from_representative(rep, shape, diff, programs, maps, analyse)
         concrete = analyse(root, {}, programs, maps)
