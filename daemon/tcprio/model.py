@@ -25,6 +25,7 @@ class HookKind(StrEnum):
     TCX = "tcx"
     CLSACT = "clsact"
     NETKIT = "netkit"  # a netkit device's program chain, run before the other device's ingress
+    XDP = "xdp"  # a device's XDP program: runs on receive, before its tcx and clsact ingress
 
 
 class VerdictClass(StrEnum):
@@ -120,6 +121,16 @@ class NetkitDevice:
 
 
 @dataclass(frozen=True)
+class XdpProgram:
+    """An XDP program on a device (IFLA_XDP of the link dump), in the order a packet meets them:
+    offloaded ("hw") first, then the driver's ("drv") or the generic one ("skb")."""
+
+    prog_id: int
+    mode: str  # "hw", "drv" or "skb"
+    position: int = 0
+
+
+@dataclass(frozen=True)
 class HookInventory:
     """Everything that sees a packet on one interface in one direction."""
 
@@ -138,6 +149,7 @@ class Interface:
     hooks: tuple[HookInventory, ...]
     kind: str | None = None  # link kind: "veth", "bridge", ...
     netkit: NetkitDevice | None = None  # a netkit device's pair and program chains
+    xdp: tuple[XdpProgram, ...] = ()  # its XDP programs (they run before its ingress hooks)
 
 
 @dataclass(frozen=True)
@@ -347,6 +359,7 @@ class Classifier:
     block: int | None = None  # the shared filter block it is on (it runs on every hook bound)
     # netkit only: whose chain it is, e.g. "peer chain of nk0" (the primary device's name)
     netkit_chain: str | None = None
+    xdp_mode: str | None = None  # xdp only: "skb", "drv" or "hw"
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ def classifier_json(c: Classifier) -> dict[str, Any]:
         "terminal_actions": list(c.verdict.terminal_actions),
         "verdict_reason": c.verdict.reason,
         **({"netkit_chain": c.netkit_chain} if c.netkit_chain else {}),
+        **({"xdp_mode": c.xdp_mode} if c.xdp_mode else {}),
     }
 
 
@@ -149,6 +150,8 @@ def _interface_json(ns_name: str, interface: Interface, reports: dict) -> dict[s
             "peer_netnsid": nk.peer_netnsid, "mode": nk.mode, "policy": nk.policy,
             "peer_policy": nk.peer_policy, "error": nk.error,
         }  # fmt: skip
+    if interface.xdp:
+        found["xdp"] = [{"prog_id": x.prog_id, "mode": x.mode} for x in interface.xdp]
     return found
 
 
@@ -285,7 +288,9 @@ def _verdict_text(c: Classifier) -> str:
 
 
 def classifier_line(c: Classifier) -> str:
-    if c.hook is HookKind.NETKIT:
+    if c.hook is HookKind.XDP:
+        where = f"xdp {c.xdp_mode} #{c.position}"
+    elif c.hook is HookKind.NETKIT:
         where = f"netkit #{c.position}" + (f" link {c.link_id}" if c.link_id else "")
     elif c.hook is HookKind.TCX:
         where = f"tcx #{c.position}" + (f" link {c.link_id}" if c.link_id else "")

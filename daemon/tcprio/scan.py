@@ -34,6 +34,7 @@ from tcprio.model import (
     TcFilter,
     TcxEntry,
     VerdictClass,
+    XdpProgram,
 )
 
 
@@ -68,6 +69,7 @@ def attached_program_ids(inventories: Iterable[NamespaceInventory]) -> list[int]
     ids: list[int] = []
     for inventory in inventories:
         for interface in inventory.interfaces:
+            ids.extend(x.prog_id for x in interface.xdp)
             for hook in interface.hooks:
                 ids.extend(f.prog_id for f in hook.filters if f.prog_id is not None)
                 ids.extend(t.prog_id for t in hook.tcx)
@@ -255,6 +257,31 @@ def netkit_classifier(
     )
 
 
+def xdp_classifier(
+    entry: XdpProgram, verdicts: Mapping[int, ProgramVerdicts], catalogue: ProgramCatalogue
+) -> Classifier:
+    """A device's XDP program, as the first classifier of its ingress hook."""
+    program = catalogue.programs.get(entry.prog_id)
+    prog_name = display_name(program)
+    vendor, _, evidence = _identity(prog_name, None)
+    analysed = _program_verdicts(entry.prog_id, verdicts, catalogue)
+    verdict = (
+        _unknown(analysed)
+        if isinstance(analysed, str)
+        else semantics.classify_xdp(analysed.values, analysed.known_values)
+    )
+    return Classifier(
+        hook=HookKind.XDP,
+        position=entry.position,
+        prog_id=entry.prog_id,
+        name=prog_name or f"prog {entry.prog_id}",
+        vendor=vendor,
+        verdict=verdict,
+        vendor_evidence=evidence,
+        xdp_mode=entry.mode,
+    )
+
+
 def _identity(prog_name: str | None, filter_name: str | None) -> tuple[str | None, bool, str]:
     """(vendor, whether it is Datadog's classifier, the evidence)."""
     found = vendors.identify_with_evidence(prog_name, filter_name)
@@ -322,12 +349,15 @@ def hook_classifiers(
     verdicts: Mapping[int, ProgramVerdicts],
     catalogue: ProgramCatalogue,
     netkit: PlacedChain | None = None,
+    xdp: Sequence[XdpProgram] = (),
 ) -> HookClassifiers:
-    """`netkit`: the netkit chain that runs before this (ingress) hook, if any."""
-    found = [tcx_classifier(t, verdicts, catalogue) for t in hook.tcx]
+    """`netkit`: the netkit chain that runs before this (ingress) hook, if any; `xdp`: the
+    device's XDP programs (they run on receive, before its ingress hooks)."""
+    found = [xdp_classifier(x, verdicts, catalogue) for x in xdp]
+    found += [tcx_classifier(t, verdicts, catalogue) for t in hook.tcx]
     found += [filter_classifier(f, verdicts, catalogue) for f in hook.filters]
     if hook.block is not None:  # the same filters run on every hook bound to the block
-        found = [c if c.hook is HookKind.TCX else replace(c, block=hook.block) for c in found]
+        found = [replace(c, block=hook.block) if c.hook is HookKind.CLSACT else c for c in found]
     if netkit is not None:
         found += [netkit_classifier(e, netkit, verdicts, catalogue) for e in netkit.entries]
     return HookClassifiers(ns_name, ifname, hook.direction, tuple(found))
@@ -345,14 +375,15 @@ def all_hooks(
     for inventory in inventories:
         for interface in inventory.interfaces:
             for hook in interface.hooks:
-                netkit = None
+                netkit, xdp = None, ()
                 if hook.direction is Direction.INGRESS:
                     netkit = before.get((inventory.namespace.key, interface.ifindex))
-                if hook.filters or hook.tcx or netkit:
+                    xdp = interface.xdp
+                if hook.filters or hook.tcx or netkit or xdp:
                     hooks.append(
                         hook_classifiers(
                             inventory.namespace.name, interface.name, hook, verdicts, catalogue,
-                            netkit,
+                            netkit, xdp,
                         )
                     )  # fmt: skip
     return hooks

@@ -3,8 +3,9 @@
 On one hook (interface + direction) a packet meets the tcx programs first, in their order, then
 the clsact filters of chain 0 by priority, and within one priority in the kernel's list order.
 On an ingress hook fed by a netkit device, the programs of the netkit chain that delivers the
-packet run before all of them. Every classifier that sees the packet before Datadog's and may
-end the chain is a conflict.
+packet run before all of them, and a device's XDP programs run on receive before its tcx and
+clsact ingress (after the netkit chain that sends it). Every classifier that sees the packet
+before Datadog's and may end the chain is a conflict.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class DatadogTarget:
 
 
 def execution_order(classifiers: Iterable[Classifier]) -> tuple[Classifier, ...]:
-    """netkit first, then tcx in link order, then clsact chain 0 by (priority, list order), then
-    other chains.
+    """netkit first, then XDP (ingress), then tcx in link order, then clsact chain 0 by
+    (priority, list order), then other chains.
 
     Filters in chains other than 0 only run when an action jumps there; they come last.
     """
@@ -60,6 +61,8 @@ def execution_order(classifiers: Iterable[Classifier]) -> tuple[Classifier, ...]
     def key(c: Classifier) -> tuple[int, int, int, int]:
         if c.hook is HookKind.NETKIT:
             return (-1, 0, 0, c.position)
+        if c.hook is HookKind.XDP:
+            return (-1, 1, 0, c.position)
         if c.hook is HookKind.TCX:
             return (0, 0, 0, c.position)
         if c.chain == 0:
@@ -111,13 +114,16 @@ def _datadog_position(ordered: Sequence[Classifier], target: DatadogTarget) -> _
 def _runs_before(c: Classifier, index: int, pos: _Position) -> bool:
     if c.is_datadog:
         return False
-    if c.hook in (HookKind.TCX, HookKind.NETKIT):
+    if c.hook in EARLY_HOOKS:
         return True
     if c.chain != 0:
         return False
     if pos.attached:
         return pos.index is not None and index < pos.index
     return (c.priority or 0) < pos.priority
+
+
+EARLY_HOOKS = frozenset({HookKind.TCX, HookKind.NETKIT, HookKind.XDP})  # before every filter
 
 
 @dataclass(frozen=True)
@@ -128,8 +134,12 @@ class _Finding:
 
 
 def _early_finding(c: Classifier) -> _Finding | None:
-    """A tcx or netkit program: it runs before every clsact filter, whatever their priority."""
-    if c.hook is HookKind.NETKIT:
+    """A tcx, netkit or XDP program: it runs before every clsact filter, whatever their
+    priority."""
+    if c.hook is HookKind.XDP:
+        where = f"runs in XDP ({c.xdp_mode} mode), before every tcx and clsact program here,"
+        short = f"runs in XDP ({c.xdp_mode} mode)"
+    elif c.hook is HookKind.NETKIT:
         where = f"runs in the netkit {c.netkit_chain}, before every tcx and clsact program here,"
         short = f"runs in the netkit {c.netkit_chain}"
     else:
@@ -301,7 +311,7 @@ def analyse_hook(
     for index, c in enumerate(ordered):
         if not _runs_before(c, index, pos):
             continue
-        early = c.hook in (HookKind.TCX, HookKind.NETKIT)
+        early = c.hook in EARLY_HOOKS
         finding = _early_finding(c) if early else _clsact_finding(c, pos)
         if finding is not None:
             found.append((c, finding))

@@ -1,7 +1,7 @@
 """What the kernel does with the value a classifier returns, on each kind of hook (pure).
 
 The rules follow the kernel sources (net/sched/cls_bpf.c, include/net/tcx.h, netkit_xmit in
-drivers/net/netkit.c, the actions of
+drivers/net/netkit.c, do_xdp_generic in net/core/dev.c, the actions of
 net/sched/act_api.c tcf_action_exec, u32_classify, __tcf_classify) and were checked with run
 counters on a 6.18 kernel (see the shared platform notes and tests/test_action_verdicts.py).
 """
@@ -71,6 +71,19 @@ NETKIT_NAMES: dict[int, str] = {
     NETKIT_REDIRECT: "NETKIT_REDIRECT",
 }
 NETKIT_DELIVERING_VALUES = frozenset({NETKIT_NEXT, NETKIT_PASS})
+
+# XDP (net/core/dev.c do_xdp_generic / netif_receive_generic_xdp, the drivers' run loops): the
+# action is the low 32 bits of r0. Only XDP_PASS hands the packet on to the stack, and so to the
+# device's tcx and clsact ingress; XDP_TX and XDP_REDIRECT send it elsewhere, XDP_ABORTED and
+# XDP_DROP drop it, and any other value is dropped as ABORTED (bpf_warn_invalid_xdp_action).
+XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = 0, 1, 2, 3, 4
+XDP_NAMES: dict[int, str] = {
+    XDP_ABORTED: "XDP_ABORTED",
+    XDP_DROP: "XDP_DROP",
+    XDP_PASS: "XDP_PASS",
+    XDP_TX: "XDP_TX",
+    XDP_REDIRECT: "XDP_REDIRECT",
+}
 
 _UNKNOWN_REASON = "its return values could not be determined"
 
@@ -300,6 +313,50 @@ def classify_netkit(
     return ClassifierVerdict(
         VerdictClass.TRANSPARENT,
         reason=f"returns only {shown}: the packet goes on to the other device's ingress hooks",
+    )
+
+
+def xdp_action_name(value: int) -> str:
+    """XDP_* name of a returned value; a value without one is dropped like XDP_ABORTED."""
+    return XDP_NAMES.get(value & 0xFFFFFFFF, f"value {value} (dropped)")
+
+
+def _xdp_hiding(values: frozenset[int]) -> list[int]:
+    return sorted(v for v in values if v & 0xFFFFFFFF != XDP_PASS)
+
+
+def classify_xdp(
+    values: frozenset[int] | None, partial: frozenset[int] = frozenset()
+) -> ClassifierVerdict:
+    """An XDP program, seen from the tc ingress hooks (tcx, clsact) of its device: TERMINAL when
+    it can keep a packet from them (every value but XDP_PASS), TRANSPARENT when it only passes.
+    With `values` None, one such value among the `partial` values of the known exits is enough.
+    """
+    ends = "the device's tcx and clsact ingress hooks never see the packet"
+    if values is None:
+        hiding = _xdp_hiding(partial)
+        if hiding:
+            shown = ", ".join(f"{xdp_action_name(v)} ({v})" for v in hiding)
+            return ClassifierVerdict(
+                VerdictClass.TERMINAL,
+                terminal_actions=tuple(xdp_action_name(v) for v in hiding),
+                reason=f"can return {shown} at an exit it reaches: {ends} (what its other "
+                "exits return could not be determined)",
+            )
+        return ClassifierVerdict(VerdictClass.UNKNOWN, reason=_UNKNOWN_REASON)
+    if not values:
+        return ClassifierVerdict(VerdictClass.UNKNOWN, reason="no return value was found")
+    hiding = _xdp_hiding(values)
+    if hiding:
+        names = ", ".join(f"{xdp_action_name(v)} ({v})" for v in hiding)
+        return ClassifierVerdict(
+            VerdictClass.TERMINAL,
+            terminal_actions=tuple(xdp_action_name(v) for v in hiding),
+            reason=f"can return {names}: {ends}",
+        )
+    return ClassifierVerdict(
+        VerdictClass.TRANSPARENT,
+        reason="returns only XDP_PASS (2): the packet goes on to the device's ingress hooks",
     )
 
 

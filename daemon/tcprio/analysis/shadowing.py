@@ -5,7 +5,8 @@ out.
 terminal (or unknown) classifier earlier on its hook may keep from seeing packets. On a hook a
 packet meets the tcx programs first, in link order, then the clsact filters of chain 0 by
 priority and list order (on an ingress fed by a netkit device, that device's netkit chain before
-them all); any verdict that ends the chain there hides everything after it.
+them all, then the device's XDP programs, which run on receive before its tc ingress); any
+verdict that ends the chain there hides everything after it.
 
 Each hidden classifier is reported once, with the earliest classifier that may hide it and the
 count of the others, as one of three kinds:
@@ -43,6 +44,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from tcprio.analysis.conflicts import (
+    EARLY_HOOKS,
     IP_CARRYING_PROTOCOLS,
     SEVERITY_ORDER,
     describe,
@@ -117,9 +119,9 @@ def may_hide(b: Classifier, h: Classifier) -> bool:
     """`b`, running before `h`, may end the chain for a packet `h` would see."""
     if b.verdict.verdict_class is VerdictClass.TRANSPARENT:
         return False
-    if b.hook in (HookKind.TCX, HookKind.NETKIT):
+    if b.hook in EARLY_HOOKS:
         return True
-    if b.chain != 0 or h.hook is HookKind.TCX:
+    if b.chain != 0 or h.hook is not HookKind.CLSACT:
         return False
     return ETH_P_ALL in (b.protocol, h.protocol) or b.protocol == h.protocol
 
@@ -175,6 +177,8 @@ def _pair(b: Classifier, h: Classifier, hidden: _Owner, blocker: _Owner) -> _Pai
 
 
 def place(c: Classifier) -> str:
+    if c.hook is HookKind.XDP:
+        return f"in XDP ({c.xdp_mode} mode, #{c.position})"
     if c.hook is HookKind.NETKIT:
         return f"in the netkit {c.netkit_chain} (#{c.position})"
     if c.hook is HookKind.TCX:
@@ -190,7 +194,11 @@ def _verdict_text(b: Classifier) -> str:
 
 def how_it_hides(b: Classifier, h: Classifier) -> str:
     """Who hides `h` and how: tcx before clsact, a lower priority or the list order, verdicts."""
-    if b.hook is HookKind.NETKIT and h.hook is not HookKind.NETKIT:
+    if b.hook is HookKind.XDP and h.hook is not HookKind.XDP:
+        where = f"runs in XDP ({b.xdp_mode} mode), before every tcx and clsact program, and"
+    elif b.hook is HookKind.XDP:
+        where = f"runs before it in XDP ({b.xdp_mode} mode, #{b.position}) and"
+    elif b.hook is HookKind.NETKIT and h.hook is not HookKind.NETKIT:
         where = f"runs in the netkit {b.netkit_chain}, before every tcx and clsact program, and"
     elif b.hook is HookKind.NETKIT:
         where = f"runs before it in the netkit {b.netkit_chain} (#{b.position}) and"

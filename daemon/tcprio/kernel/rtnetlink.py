@@ -15,7 +15,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 NETLINK_ROUTE = 0
 RTM_GETLINK, RTM_NEWLINK = 18, 16
@@ -28,6 +28,14 @@ NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 IFLA_IFNAME, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 18, 1
 IFLA_LINK, IFLA_LINK_NETNSID, IFLA_INFO_DATA = 5, 37, 2
 IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS = 29, 1 << 3
+# IFLA_XDP (include/uapi/linux/if_link.h) and its nested attributes; rtnl_xdp_fill() puts one
+# id per mode in use, and IFLA_XDP_PROG_ID too when only one mode is
+IFLA_XDP, IFLA_XDP_ATTACHED, IFLA_XDP_PROG_ID = 43, 2, 4
+IFLA_XDP_DRV_PROG_ID, IFLA_XDP_SKB_PROG_ID, IFLA_XDP_HW_PROG_ID = 5, 6, 7
+XDP_ATTACHED_MODES = {1: "drv", 2: "skb", 3: "hw"}  # XDP_ATTACHED_DRV, _SKB, _HW (4: MULTI)
+# in the order a packet meets them: the NIC's, then the driver's or the generic one
+XDP_MODE_ATTRS = (("hw", IFLA_XDP_HW_PROG_ID), ("drv", IFLA_XDP_DRV_PROG_ID),
+                  ("skb", IFLA_XDP_SKB_PROG_ID))  # fmt: skip
 TCA_KIND, TCA_OPTIONS, TCA_CHAIN = 1, 2, 11
 TCA_INGRESS_BLOCK, TCA_EGRESS_BLOCK = 13, 14  # a qdisc's shared filter blocks
 TCA_BPF_CLASSID, TCA_BPF_NAME, TCA_BPF_FLAGS, TCA_BPF_TAG, TCA_BPF_ID = 3, 7, 8, 10, 11
@@ -64,7 +72,7 @@ _U32 = struct.Struct("=I")
 _TC_GEN = struct.Struct("=IIiii")  # index, capab, action (the control verdict), refcnt, bindcnt
 _MIRRED_EACTION = struct.Struct("=i")  # after the tc_gen head of struct tc_mirred
 _GACT_PROB = struct.Struct("=HHi")  # struct tc_gact_p: ptype, pval, paction
-_LINK_ATTRS = frozenset({IFLA_IFNAME, IFLA_LINKINFO})
+_LINK_ATTRS = frozenset({IFLA_IFNAME, IFLA_LINKINFO, IFLA_XDP})
 _PAIR_ATTRS = frozenset({IFLA_LINK, IFLA_LINK_NETNSID})
 PAIRED_KINDS = frozenset({"netkit"})  # links whose other end and kind data tcprio reads
 _QDISC_ATTRS = frozenset({TCA_KIND, TCA_INGRESS_BLOCK, TCA_EGRESS_BLOCK})
@@ -150,6 +158,7 @@ class Link:
     peer_ifindex: int | None = None
     peer_netnsid: int | None = None
     info_data: dict[int, bytes] | None = None
+    xdp: tuple[tuple[str, int], ...] = ()  # (mode, program id) of each XDP program, in run order
 
 
 @dataclass(frozen=True)
@@ -181,6 +190,24 @@ class FilterMessage:
     @property
     def protocol(self) -> int:
         return socket.ntohs(self.info & 0xFFFF)
+
+
+def xdp_programs(payload: memoryview | None) -> tuple[tuple[str, int], ...]:
+    """(mode, program id) of the XDP programs an IFLA_XDP attribute names, in run order."""
+    if payload is None:
+        return ()
+    attrs = parse_attrs(payload)
+    found = tuple(
+        (mode, prog_id)
+        for mode, attr in XDP_MODE_ATTRS
+        if (prog_id := as_u32(attrs.get(attr)))
+    )
+    if found:
+        return found
+    attached = attrs.get(IFLA_XDP_ATTACHED)
+    mode = XDP_ATTACHED_MODES.get(attached[0]) if attached is not None and len(attached) else None
+    prog_id = as_u32(attrs.get(IFLA_XDP_PROG_ID))
+    return ((mode, prog_id),) if mode is not None and prog_id else ()
 
 
 def _paired_link(
@@ -274,9 +301,11 @@ class RtnlSocket:
             kind = as_str(info.get(IFLA_INFO_KIND))
             name = as_str(attrs.get(IFLA_IFNAME)) or f"if{ifindex}"
             if kind in PAIRED_KINDS:
-                found.append(_paired_link(body, ifindex, name, kind, info.get(IFLA_INFO_DATA)))
+                link = _paired_link(body, ifindex, name, kind, info.get(IFLA_INFO_DATA))
             else:
-                found.append(Link(ifindex, name, kind))
+                link = Link(ifindex, name, kind)
+            xdp = xdp_programs(attrs.get(IFLA_XDP))
+            found.append(replace(link, xdp=xdp) if xdp else link)
         return found
 
     def qdiscs(self) -> list[Qdisc]:

@@ -22,6 +22,7 @@ from tcprio.model import (
     NetNamespace,
     TcFilter,
     TcxEntry,
+    XdpProgram,
 )
 
 TC_H_CLSACT = 0xFFFFFFF1  # also TC_H_INGRESS: the parent of both clsact and ingress qdiscs
@@ -202,8 +203,9 @@ def read_current_namespace(ns: NetNamespace) -> NamespaceInventory:
                 for direction in Direction
             )
             device = netkit.read_device(link) if link.kind == "netkit" else None
+            xdp = tuple(XdpProgram(prog_id, mode, n) for n, (mode, prog_id) in enumerate(link.xdp))
             interfaces.append(
-                Interface(link.ifindex, link.name, hooks, kind=link.kind, netkit=device)
+                Interface(link.ifindex, link.name, hooks, kind=link.kind, netkit=device, xdp=xdp)
             )
     return NamespaceInventory(namespace=ns, interfaces=tuple(interfaces))
 

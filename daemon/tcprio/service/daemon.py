@@ -163,6 +163,9 @@ class Daemon(TcxLinks):
         # link id -> (ifindex, parent, until): hooks to check again against the link list
         self.tcx_rechecks: dict[int, tuple[int, int, float]] = {}
         self.netkit_links: dict[int, float] = {}  # netkit link id -> until when to look for it
+        self.xdp_links: dict[int, tuple[int, int]] = {}  # XDP link id -> (ifindex, program id)
+        self.xdp_rechecks: dict[int, tuple[int, int, bool, float]] = {}
+        self.xdp_unlinked: set[tuple[NsKey, int, int]] = set()  # XDP programs without a link
         self.run_history: list[tuple[float, dict[int, RunStats]]] = []
         self.prog_arrays = ProgArrayWatch()
         self.linkless_tcx = LinklessTcxWatch()
@@ -628,7 +631,7 @@ class Daemon(TcxLinks):
         )
 
     def poll_links_and_stats(self) -> None:
-        """tcx and netkit links send no netlink event: new and removed links are polled instead."""
+        """tcx, netkit and XDP links send no netlink event: new and removed links are polled."""
         try:
             links = frozenset(bpf_syscalls.list_link_ids())
         except OSError:
@@ -646,6 +649,7 @@ class Daemon(TcxLinks):
         self._mark_tcx_shown_but_gone(links)
         self._recheck_tcx(changed)
         self._mark_netkit_namespaces(links)
+        self._mark_xdp_namespaces(links)
         for key, events in self.linkless_tcx.changed(self.inventories, self.watched).items():
             self.watched[key].pending.extend(events)  # attached without a link: no event
             self._mark_dirty(key)

@@ -1,9 +1,11 @@
-"""tcx and netkit links, as the daemon tracks them: they send no netlink event, so the daemon
-polls the kernel's link list and reads again the hooks a tcx link appeared on or went from, and
-the namespaces whose netkit chains a netkit link joined or left.
+"""tcx, netkit and XDP links, as the daemon tracks them: they send no netlink event, so the
+daemon polls the kernel's link list and reads again the hooks a tcx link appeared on or went
+from, the namespaces whose netkit chains a netkit link joined or left, and those where an XDP
+link's device may be.
 
 A mixin of the daemon (`service/daemon.py`), which provides `inventories`, `watched`,
-`link_ids`, `tcx_links`, `tcx_rechecks`, `netkit_links`, `log` and `_mark_dirty`.
+`link_ids`, `tcx_links`, `tcx_rechecks`, `netkit_links`, `xdp_links`, `xdp_rechecks`,
+`xdp_unlinked`, `log` and `_mark_dirty`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tcprio.service.watch import TcEvent
 NsKey = tuple[int, int]
 TCX_RECHECK_S = 1.0  # a tcx link change: hooks read again until they show it, this long
 NETKIT_RECHECK_S = 1.0  # a new netkit link: namespaces read again until one shows it, this long
+XDP_RECHECK_S = 1.0  # an XDP link change: namespaces read again until they agree, this long
 DIRECTION_BY_PARENT = {0xFFFFFFF2: "ingress", 0xFFFFFFF3: "egress", 0xFFFF0000: "ingress"}
 TCX_PARENT = {bpf_syscalls.BPF_TCX_INGRESS: 0xFFFFFFF2, bpf_syscalls.BPF_TCX_EGRESS: 0xFFFFFFF3}
 
@@ -32,6 +35,11 @@ class TcxLinks:
     # link id -> (ifindex, parent, until): hooks to check again against the link list
     tcx_rechecks: dict[int, tuple[int, int, float]]
     netkit_links: dict[int, float]  # netkit link id -> until when to look for it
+    xdp_links: dict[int, tuple[int, int]]  # XDP link id -> (ifindex, program id)
+    # XDP link id -> (ifindex, program id, whether it should show, until when to look)
+    xdp_rechecks: dict[int, tuple[int, int, bool, float]]
+    # (namespace, ifindex, program id) of XDP programs shown without a link and read again once
+    xdp_unlinked: set[tuple[NsKey, int, int]]
     log: Callable[..., None]
     _mark_dirty: Callable[[NsKey], None]
 
@@ -94,6 +102,11 @@ class TcxLinks:
             if info.type == bpf_syscalls.BPF_LINK_TYPE_NETKIT:
                 self.netkit_links[link] = time.monotonic() + NETKIT_RECHECK_S
                 continue
+            if info.type == bpf_syscalls.BPF_LINK_TYPE_XDP and info.ifindex:
+                self.xdp_links[link] = (info.ifindex, info.prog_id)
+                until = time.monotonic() + XDP_RECHECK_S
+                self.xdp_rechecks[link] = (info.ifindex, info.prog_id, True, until)
+                continue
             parent = TCX_PARENT.get(info.attach_type or 0)
             if info.type == bpf_syscalls.BPF_LINK_TYPE_TCX and info.ifindex and parent:
                 self.tcx_links[link] = (info.ifindex, parent)
@@ -122,6 +135,48 @@ class TcxLinks:
             dirty |= primaries
         for key in dirty:
             self._mark_dirty(key)
+
+    def _mark_xdp_namespaces(self, links: frozenset[int]) -> None:
+        """An XDP link names its device by index only, and neither it nor its detach sends a
+        netlink event (a generic-mode attach sends one, before the program shows): while an XDP
+        link's program shows on its device index in no namespace (a new link) or still shows
+        there (one that went), for XDP_RECHECK_S at most, read again every namespace with an
+        interface of that index (the kernel frees the id before it detaches the program)."""
+        now = time.monotonic()
+        for link in [link for link in self.xdp_links if link not in links]:
+            self.xdp_rechecks[link] = (*self.xdp_links.pop(link), False, now + XDP_RECHECK_S)
+        holders: dict[int, set[NsKey]] = {}  # ifindex -> the namespaces with such an interface
+        shown: set[tuple[int, int]] = set()  # (ifindex, program id) of the XDP programs read
+        for key, inventory in self.inventories.items():
+            if key in self.watched:
+                for interface in inventory.interfaces:
+                    holders.setdefault(interface.ifindex, set()).add(key)
+                    shown.update((interface.ifindex, x.prog_id) for x in interface.xdp)
+        dirty = self._unlinked_xdp()
+        for link, (ifindex, prog_id, present, until) in list(self.xdp_rechecks.items()):
+            if now > until or ((ifindex, prog_id) in shown) == present:
+                del self.xdp_rechecks[link]
+            else:
+                dirty |= holders.get(ifindex, set())
+        for key in dirty:
+            self._mark_dirty(key)
+
+    def _unlinked_xdp(self) -> set[NsKey]:
+        """An XDP link attached and closed between two polls never shows in the list's diff:
+        a namespace showing an XDP program that no XDP link explains is read again, once per
+        program (one attached through netlink stays: its changes send netlink events)."""
+        linked = set(self.xdp_links.values())
+        shown = {
+            (key, interface.ifindex, x.prog_id)
+            for key, inventory in self.inventories.items()
+            if key in self.watched
+            for interface in inventory.interfaces
+            for x in interface.xdp
+            if (interface.ifindex, x.prog_id) not in linked
+        }
+        fresh = shown - self.xdp_unlinked
+        self.xdp_unlinked = shown
+        return {key for key, _ifindex, _prog_id in fresh}
 
     def _holds_link(self, key: NsKey, link: int, ifindex: int, parent: int) -> bool:
         """Whether namespace `key` has (or had, at its last reading) tcx link `link`."""

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from tcprio.kernel.bpf_syscalls.btf_names import btf_func_name
 from tcprio.kernel.bpf_syscalls.syscall import (
     BPF_LINK_TYPE_TCX,
+    BPF_LINK_TYPE_XDP,
     BPF_MAP_TYPE_PROG_ARRAY,
     BPF_OBJ_NAME_LEN,
     INSN_SIZE,
@@ -382,7 +383,7 @@ class LinkInfo:
     type: int
     type_name: str
     prog_id: int
-    ifindex: int | None = None  # tcx links only
+    ifindex: int | None = None  # tcx and XDP links only
     attach_type: int | None = None  # tcx links only
 
 
@@ -395,7 +396,7 @@ def link_info_from_fd(fd: int) -> LinkInfo:
         type=info.type,
         type_name=link_type_name(info.type),
         prog_id=info.prog_id,
-        ifindex=info.union_u32_0 if is_tcx else None,
+        ifindex=info.union_u32_0 if is_tcx or info.type == BPF_LINK_TYPE_XDP else None,
         attach_type=info.union_u32_1 if is_tcx else None,
     )
 
