@@ -239,11 +239,19 @@ def _read_hook(
     )
 
 
-def _links(ipr: IPRoute) -> list[tuple[int, str, str | None]]:
+def _links(ipr: IPRoute) -> list[tuple[int, str, str | None, dict[str, Any]]]:
+    """(ifindex, name, kind, a veth's peer fields) of every link."""
     links = []
     for msg in ipr.get_links():
         kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
-        links.append((msg["index"], msg.get_attr("IFLA_IFNAME") or f"if{msg['index']}", kind))
+        peer = {}
+        if kind == "veth":
+            peer = {
+                "peer_ifindex": msg.get_attr("IFLA_LINK") or None,
+                "peer_netnsid": msg.get_attr("IFLA_LINK_NETNSID"),
+            }
+        name = msg.get_attr("IFLA_IFNAME") or f"if{msg['index']}"
+        links.append((msg["index"], name, kind, peer))
     return links
 
 
@@ -252,13 +260,15 @@ def read_current_namespace(ns: NetNamespace) -> NamespaceInventory:
     with rtnl_socket() as ipr:
         qdiscs = _hook_qdiscs(ipr)
         interfaces = []
-        for ifindex, ifname, kind in _links(ipr):
+        for ifindex, ifname, kind, peer in _links(ipr):
             qdisc, blocks = qdiscs.get(ifindex, (None, {}))
             hooks = tuple(
                 _read_hook(ipr, ifindex, qdisc, direction, blocks.get(direction))
                 for direction in Direction
             )
-            interfaces.append(Interface(ifindex=ifindex, name=ifname, kind=kind, hooks=hooks))
+            interfaces.append(
+                Interface(ifindex=ifindex, name=ifname, kind=kind, hooks=hooks, **peer)
+            )
     return NamespaceInventory(namespace=ns, interfaces=tuple(interfaces))
 
 

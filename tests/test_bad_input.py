@@ -408,12 +408,19 @@ def fake_proc(tmp_path: Path, pid: int, files: dict[str, bytes | str | None]) ->
     return tmp_path / "proc"
 
 
-def probe_settings(proc_root: Path, local: Path | None = None, environ=None):
+def accept(proc: datadog_agent.AgentProcess) -> datadog_agent.Verification:
+    """These fake /proc trees are about reading junk safely: take every candidate as Datadog's
+    (the real verification is tested in test_datadog_config.py)."""
+    return datadog_agent.Verification(proc, True, "accepted by the test")
+
+
+def probe_settings(proc_root: Path, local: Path | None = None, environ=None, verify=accept):
     s = datadog.resolve_settings(
         files=[local] if local else [],
         environ=environ or {},
         proc_root=proc_root,
         host_root=Path("/nonexistent-root"),
+        verify=verify,
     )
     one_line_each(s.errors)
     one_line_each(s.notes)
@@ -526,7 +533,19 @@ def test_processes_that_are_not_or_no_longer_system_probe_are_skipped(
     s = probe_settings(proc, local)
     assert time.monotonic() - start < HANG_GUARD_S  # a hang, not a speed requirement
     assert s.classifier_priority.value == 9 and s.errors == ()
-    assert any("no running system-probe found" in n for n in s.notes)
+    assert any("no verified system-probe running" in n for n in s.notes)
+
+
+def test_an_unverified_system_probe_with_junk_is_one_note_and_never_used(tmp_path: Path) -> None:
+    proc = fake_proc(
+        tmp_path, 66, {"comm": "system-probe\n", "cmdline": b"system-probe\0", "environ": "fifo"}
+    )
+    local = tmp_path / "system-probe.yaml"
+    local.write_text(f"{OLD_PRIO}: 9\n")
+    s = probe_settings(proc, local, environ={EM_PRIO_ENV: "3"}, verify=datadog_agent.verify_process)
+    assert s.classifier_priority.value == 9 and s.errors == () and s.found == "files"
+    (line,) = [n for n in s.notes if n.startswith("process 66 (system-probe) not taken")]
+    assert "its executable cannot be read" in line and "settings are not used" in line
 
 
 def test_a_system_probe_that_exits_while_being_read_is_not_an_error(
@@ -547,7 +566,7 @@ def test_a_system_probe_that_exits_while_being_read_is_not_an_error(
     s = probe_settings(proc, local)
     assert s.errors == ()
     assert s.classifier_priority.value == 9
-    assert any("no running system-probe found" in n for n in s.notes)
+    assert any("no verified system-probe running" in n for n in s.notes)
 
 
 # --- a /proc that lies: namespaces ---------------------------------------------------------------

@@ -732,16 +732,19 @@ def test_the_guard_records_an_exception_and_keeps_partial_files():
 
 
 def test_a_running_system_probe_config_is_read_through_its_root(small_node, tmp_path):
-    """A process named system-probe (a copy of /bin/sh waiting on stdin) started with
-    --config: its own file is included (redacted) and its settings are the truth."""
+    """Datadog's system-probe (a copy of /bin/sh waiting on stdin, in an install with its
+    version manifest, run by root) started with --config: its own file is included (redacted)
+    and its settings are the truth."""
     config = tmp_path / "conf" / "sp.yaml"
     config.parent.mkdir()
     config.write_text(
         f"api_key: {SECRETS['api_key']}\n"
         "event_monitoring_config:\n  network:\n    classifier_priority: 7\n"
     )
-    exe = tmp_path / "bin" / "system-probe"
-    exe.parent.mkdir()
+    install = tmp_path / "opt" / "datadog-agent"
+    exe = install / "embedded" / "bin" / "system-probe"
+    exe.parent.mkdir(parents=True)
+    (install / "version-manifest.json").write_text(json.dumps({"build_version": "7.70.0"}))
     shutil.copy2("/bin/sh", exe)
     script = tmp_path / "wait.sh"
     script.write_text("read _line\n")

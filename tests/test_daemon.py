@@ -234,7 +234,10 @@ def test_replacement_and_datadog_disappearance_are_counted(running: RunningDaemo
                 and find(s, "tcprio_datadog_classifier_disappearances_total", **where) == [1.0]
             ),
         )
+        # Its only classifier is gone and no system-probe runs here, but the daemon saw it
+        # attached moments ago: Datadog stays active and the conflict critical.
         assert find(samples, "tcprio_conflict", **where, severity="critical") == [1.0]
+        assert find(samples, "tcprio_datadog_network_detection", state="active") == [1.0]
     assert '"msg": "datadog-disappeared"' in running.log()
     assert '"msg": "replace"' in running.log()
 

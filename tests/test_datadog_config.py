@@ -298,17 +298,26 @@ def test_resolve_in_root_never_leaves_the_root(tmp_path: Path) -> None:
 Spawn = Callable[..., subprocess.Popen[bytes]]
 
 
+def default_install(tmp_path: Path) -> Path:
+    return tmp_path / "opt" / "datadog-agent"
+
+
 @pytest.fixture
 def spawn_probe(tmp_path: Path) -> Iterator[Spawn]:
-    """Start processes named system-probe: a copy of /bin/sh blocked on `read`."""
+    """Start processes named system-probe: a copy of /bin/sh blocked on `read`, by default as
+    <install>/embedded/bin/system-probe of a Datadog install (a version manifest) run by root,
+    which is what makes it Datadog's."""
     procs: list[subprocess.Popen[bytes]] = []
     script = write_yaml(tmp_path / "wait.sh", "read _line\n")
 
     def spawn(
         args: list[str], env: dict[str, str], bin_dir: Path | None = None
     ) -> subprocess.Popen[bytes]:
-        exe = (bin_dir or tmp_path / "bin") / "system-probe"
+        exe = (bin_dir or default_install(tmp_path) / "embedded" / "bin") / "system-probe"
         exe.parent.mkdir(parents=True, exist_ok=True)
+        install = exe.parent.parent.parent
+        if not any((install / name).exists() for name in datadog_agent.VERSION_MANIFESTS):
+            write_yaml(install / "version-manifest.json", json.dumps({"build_version": "7.70.0"}))
         if not exe.exists():
             shutil.copy2("/bin/sh", exe)
         proc = subprocess.Popen([str(exe), str(script), *args], env=env, stdin=subprocess.PIPE)
@@ -409,7 +418,7 @@ def test_legacy_agent_reads_only_runtime_security_config(
 
 
 def test_disagreeing_processes_are_noted(tmp_path: Path, spawn_probe: Spawn) -> None:
-    cfg = tmp_path / "missing.yaml"
+    cfg = write_yaml(tmp_path / "empty.yaml", "{}\n")
     first = spawn_probe([f"--config={cfg}"], {EM_PRIO_ENV: "5"})
     second = spawn_probe([f"--config={cfg}"], {EM_PRIO_ENV: "9"})
     s = from_procs(first, second)
@@ -417,6 +426,36 @@ def test_disagreeing_processes_are_noted(tmp_path: Path, spawn_probe: Spawn) -> 
     assert s.classifier_priority.source == f"process {low} (system-probe) env:{EM_PRIO_ENV}"
     assert any(
         "system-probe processes disagree" in n and "classifier_priority=9" in n for n in s.notes
+    )
+
+
+def test_the_verified_process_running_detection_is_taken(
+    tmp_path: Path, spawn_probe: Spawn
+) -> None:
+    off = spawn_probe([f"--config={write_yaml(tmp_path / 'off.yaml', '{}')}"], {EM_PRIO_ENV: "5"})
+    on_cfg = write_yaml(tmp_path / "on.yaml", "runtime_security_config:\n  enabled: true\n")
+    on = spawn_probe([f"--config={on_cfg}"], {EM_PRIO_ENV: "9"})
+    s = from_procs(off, on)
+    assert s.found == "process"
+    assert s.classifier_priority.source == f"process {on.pid} (system-probe) env:{EM_PRIO_ENV}"
+    assert s.wp_enabled is not None and s.wp_enabled.value is True
+    (taken,) = s.found_evidence
+    assert taken.startswith(
+        f"system-probe pid {on.pid} taken (of 2 verified, the lowest pid with network detection"
+    )
+    assert "uid 0" in taken and "7.70.0" in taken
+
+
+def test_a_system_probe_outside_an_install_is_not_taken(tmp_path: Path, spawn_probe: Spawn) -> None:
+    cfg = write_yaml(tmp_path / "sp.yaml", "{}\n")
+    fake = spawn_probe([f"--config={cfg}"], {EM_PRIO_ENV: "5"}, bin_dir=tmp_path / "bin")
+    s = from_procs(fake)
+    assert s.found == "none" and s.classifier_priority == Setting(10, "default")
+    (note,) = [n for n in s.notes if "not taken" in n]
+    assert note == (
+        f"process {fake.pid} (system-probe) not taken as Datadog's system-probe: its executable "
+        f"{tmp_path}/bin/system-probe is not <install>/embedded/bin/system-probe; its settings "
+        "are not used"
     )
 
 

@@ -55,3 +55,15 @@ def test_the_analysis_part_is_rendered_once_per_generation():
     assert families(render())["tcprio_conflict"]
     current = replace(current, generation=2)
     assert "tcprio_conflict" not in families(render()) or not families(render())["tcprio_conflict"]
+
+
+def test_the_datadog_detection_state_is_one_hot():
+    from tcprio.model import DatadogPresence, DatadogSettings, PresenceState, Setting
+
+    settings = DatadogSettings(Setting(True, "default"), Setting(10, "default"), Setting(0, "x"))
+    absent = DatadogPresence(PresenceState.ABSENT, ("nothing of Datadog's found",))
+    current = replace(snapshot(), datadog=settings)
+    current = replace(current, result=replace(current.result, datadog_presence=absent))
+    found = families(MetricsRenderer(lambda: current)())
+    states = {s.labels["state"]: s.value for s in found["tcprio_datadog_network_detection"]}
+    assert states == {"active": 0, "assumed": 0, "disabled": 0, "configured": 0, "absent": 1}

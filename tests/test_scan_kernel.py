@@ -343,7 +343,7 @@ def test_a_namespace_vanishing_mid_scan_is_skipped(classifier_programs):
         wanted = {stay.name, vanish.name}
         found = [n for n in discover_namespaces() if n.name in wanted]
         subprocess.run(["ip", "netns", "del", vanish.name], check=True)
-        scan = run_scan(discover=lambda: found, settings=datadog_settings())
+        scan = run_scan(discover=lambda: found, settings=datadog_settings(), assume_datadog=True)
     assert scan.vanished == [vanish.name]
     assert [i.namespace.name for i in scan.inventories] == [stay.name]
     assert [c.severity for c in scan.result.conflicts] == [Severity.CRITICAL]

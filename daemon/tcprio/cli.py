@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import gc
 import json
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from tcprio import __version__
 from tcprio.kernel import privileges
+from tcprio.kernel.containers import NodeContainers, read_containers
 from tcprio.kernel.namespaces import discover_namespaces
 from tcprio.model import NetNamespace
 from tcprio.service.config import DEFAULT_CONFIG_PATH
@@ -26,8 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find every TC classifier on this node, what it can return, and what hides "
         "Datadog Workload Protection's network classifier.",
         epilog="Exit status of --scan: 0 no conflict, 1 fixable conflicts only, 2 a critical "
-        "conflict, 3 the scan itself failed. Other commands: `tcprio self-test --help`, "
-        "`tcprio bundle --help`.",
+        "conflict, 3 the scan itself failed. Conflicts are critical or errors only where "
+        "Datadog's network detection is active (its classifiers attached, or a verified "
+        "system-probe running it) or --assume-datadog; elsewhere they are info. Other "
+        "commands: `tcprio self-test --help`, `tcprio bundle --help`.",
     )
     parser.add_argument("--version", action="version", version=f"tcprio {__version__}")
     parser.add_argument(
@@ -68,20 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="only scan namespaces whose name matches GLOB (repeatable; default: all)",
     )
     _add_datadog_arguments(parser)
+    _add_assume_argument(parser, " (the daemon: datadog.assume_active in its configuration)")
     parser.add_argument(
         "--cilium-version",
         metavar="VERSION",
-        help="Cilium's version, to check the known incompatible Cilium/agent pair",
+        help="Cilium's version, to check the known Cilium/agent incompatibilities (default: "
+        "the version in the image of the cilium-agent container running on the node)",
     )
     return parser
 
 
-def _namespace_filter(patterns: Sequence[str] | None):
+def _namespace_filter(patterns: Sequence[str] | None, containers: NodeContainers | None = None):
+    """Discovery limited to the namespaces whose name (or raw netns name) matches a pattern;
+    `containers`: the runtimes' bundles when already read."""
+
     def discover() -> list[NetNamespace]:
-        found = discover_namespaces()
+        found = discover_namespaces(containers=containers)
         if not patterns:
             return found
-        return [ns for ns in found if any(fnmatch.fnmatchcase(ns.name, p) for p in patterns)]
+        return [ns for ns in found if any(ns.matches(p) for p in patterns)]
 
     return discover
 
@@ -121,16 +128,21 @@ def run_scan_command(args: argparse.Namespace) -> int:
     # collector only walks the growing inventory over and over (~15% of a scan at N=800).
     gc.disable()
     files = [Path(f) for f in args.datadog_config] if args.datadog_config else DEFAULT_FILES
-    settings = resolve_settings(files=files, scan_processes=not args.no_agent_process)
+    containers = read_containers()  # once: pods' names, versions, the agent's image
+    settings = resolve_settings(
+        files=files, scan_processes=not args.no_agent_process, containers=containers
+    )
     for error in settings.errors:
         print(f"tcprio: bad Datadog setting ignored: {error}", file=sys.stderr)
     observers = _configured_observers(Path(args.config))
     try:
         scan = run_scan(
-            discover=_namespace_filter(args.netns),
+            discover=_namespace_filter(args.netns, containers),
             settings=settings,
             cilium_version=args.cilium_version,
             observers=observers,
+            assume_datadog=args.assume_datadog,
+            containers=containers,
         )
     except Exception as exc:  # the one place a failed scan becomes exit status 3
         print(f"tcprio: scan failed: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -168,6 +180,16 @@ def _add_datadog_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_assume_argument(parser: argparse.ArgumentParser, where: str = "") -> None:
+    parser.add_argument(
+        "--assume-datadog",
+        action="store_true",
+        help="treat Datadog's network detection as active on this node even when no Datadog "
+        "classifier is attached and no verified system-probe runs (conflicts then keep their "
+        f"severity; otherwise they are info there){where}",
+    )
+
+
 def build_bundle_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tcprio bundle",
@@ -197,6 +219,7 @@ def build_bundle_parser() -> argparse.ArgumentParser:
         help="how many recent lines of the tcprio service's journal to include (default 2000)",
     )
     _add_datadog_arguments(parser)
+    _add_assume_argument(parser)
     return parser
 
 

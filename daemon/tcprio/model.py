@@ -6,6 +6,7 @@ the analysis modules (verdicts, conflicts) take them in and hand findings out.
 
 from __future__ import annotations
 
+import fnmatch
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -48,11 +49,30 @@ class NetNamespace:
     source: str  # "host", "named", "docker", "process"
     pid: int | None = None  # a process living in it, when found through /proc
     container: str | None = None
-    pod: str | None = None
+    pod: str | None = None  # the pod's name (or its UID when only that is known)
+    pod_namespace: str | None = None  # the pod's Kubernetes namespace
+    pod_uid: str | None = None
+    netns: str | None = None  # the raw name of a named namespace (/run/netns/cni-...)
+    named_by: str | None = None  # where the pod's name came from (a runtime bundle, a cgroup)
 
     @property
     def key(self) -> tuple[int, int]:
         return (self.dev, self.inode)
+
+    def matches(self, pattern: str) -> bool:
+        """Its name, or its raw netns name, matches the glob (`--netns`, the daemon's lists)."""
+        names = (self.name, self.netns) if self.netns else (self.name,)
+        return any(fnmatch.fnmatchcase(name, pattern) for name in names)
+
+
+@dataclass(frozen=True)
+class VendorVersion:
+    """A product's version found on the node, and where it came from (a container image, a
+    command-line flag)."""
+
+    vendor: str
+    version: str
+    source: str
 
 
 # --- enumeration -----------------------------------------------------------------------------
@@ -150,6 +170,10 @@ class Interface:
     kind: str | None = None  # link kind: "veth", "bridge", ...
     netkit: NetkitDevice | None = None  # a netkit device's pair and program chains
     xdp: tuple[XdpProgram, ...] = ()  # its XDP programs (they run before its ingress hooks)
+    # veth only: the other end's ifindex (IFLA_LINK) and its namespace's id as this namespace
+    # numbers it (IFLA_LINK_NETNSID; None when both ends share the namespace)
+    peer_ifindex: int | None = None
+    peer_netnsid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -324,6 +348,34 @@ class DatadogSettings:
     agent_version_source: str | None = None
     notes: tuple[str, ...] = ()
     errors: tuple[str, ...] = ()  # bad input that was ignored, one line each
+    wp_enabled: Setting | None = None  # runtime_security_config.enabled (Workload Protection)
+    # Where the settings come from: "process" (a verified system-probe), "files" (local config
+    # files or install found), "none" (nothing of Datadog's found: defaults only).
+    found: str = "none"
+    found_evidence: tuple[str, ...] = ()  # one line each: the process taken, the files read
+    raw_packet_enabled: Setting | None = None  # network.raw_packet.enabled
+    raw_classifier_handle: Setting | None = None  # network.raw_classifier_handle
+
+
+class PresenceState(StrEnum):
+    """Whether Datadog's network detection runs on the node (see analysis/datadog_presence)."""
+
+    ACTIVE = "active"
+    ASSUMED = "assumed"
+    DISABLED = "disabled"
+    CONFIGURED = "configured"
+    ABSENT = "absent"
+
+
+@dataclass(frozen=True)
+class DatadogPresence:
+    state: PresenceState
+    evidence: tuple[str, ...] = ()  # one line each, the main one first
+
+    @property
+    def runs(self) -> bool:
+        """Conflicts keep their severity only when detection runs (or is assumed to)."""
+        return self.state in (PresenceState.ACTIVE, PresenceState.ASSUMED)
 
 
 # --- conflicts -------------------------------------------------------------------------------
@@ -369,6 +421,7 @@ class Remedy:
     helm_values: str = ""
     environment: str = ""
     extra: tuple[str, ...] = ()
+    operator_values: str = ""  # Datadog Operator: the DatadogAgent resource's lines
 
 
 @dataclass(frozen=True)
@@ -430,6 +483,9 @@ class ScanResult:
     recommendation_note: str = ""
     notes: list[str] = field(default_factory=list)
     shadowings: list[Shadowing] = field(default_factory=list)
+    datadog_presence: DatadogPresence = field(
+        default_factory=lambda: DatadogPresence(PresenceState.ASSUMED, ("not decided",))
+    )
 
 
 HookKey = tuple[str, str, str]  # namespace, interface, direction

@@ -15,11 +15,14 @@ from tcprio.analysis.verdicts import explain
 from tcprio.model import (
     Classifier,
     Conflict,
+    DatadogPresence,
     DatadogSettings,
     HookKind,
     HookReport,
     Interface,
     NamespaceInventory,
+    NetNamespace,
+    PresenceState,
     ProgramInfo,
     ProgramVerdicts,
     Remedy,
@@ -84,6 +87,7 @@ def _remedy_json(r: Remedy) -> dict[str, Any]:
         "system_probe_yaml": r.system_probe_yaml,
         "helm_values": r.helm_values,
         "environment": r.environment,
+        "operator_values": r.operator_values,
         "extra": list(r.extra),
     }
 
@@ -124,7 +128,29 @@ def _hook_reports(scan: Scan) -> dict[tuple[str, str, str], HookReport]:
     return {(h.namespace, h.interface, str(h.direction)): h for h in scan.result.hooks}
 
 
-def _interface_json(ns_name: str, interface: Interface, reports: dict) -> dict[str, Any]:
+def _peer_json(interface: Interface, peer: NetNamespace | None) -> dict[str, Any]:
+    """A veth's other end, and for a host-side one the namespace (and pod) it is in."""
+    if interface.kind != "veth":
+        return {}
+    found: dict[str, Any] = {
+        "peer_ifindex": interface.peer_ifindex,
+        "peer_netnsid": interface.peer_netnsid,
+    }
+    if peer is not None:
+        found["peer_namespace"] = peer.name
+        found["peer_pod"] = _pod_label(peer)
+    return found
+
+
+def _pod_label(ns: NetNamespace) -> str | None:
+    if not ns.pod:
+        return None
+    return f"{ns.pod_namespace}/{ns.pod}" if ns.pod_namespace else ns.pod
+
+
+def _interface_json(
+    ns_name: str, interface: Interface, reports: dict, peer: NetNamespace | None = None
+) -> dict[str, Any]:
     hooks = []
     for hook in interface.hooks:
         report = reports.get((ns_name, interface.name, str(hook.direction)))
@@ -141,6 +167,7 @@ def _interface_json(ns_name: str, interface: Interface, reports: dict) -> dict[s
         "name": interface.name,
         "ifindex": interface.ifindex,
         "kind": interface.kind,
+        **_peer_json(interface, peer),
         "hooks": hooks,
     }
     if interface.netkit is not None:
@@ -155,7 +182,9 @@ def _interface_json(ns_name: str, interface: Interface, reports: dict) -> dict[s
     return found
 
 
-def _namespace_json(inv: NamespaceInventory, reports: dict) -> dict[str, Any]:
+def _namespace_json(
+    inv: NamespaceInventory, reports: dict, peers: dict | None = None
+) -> dict[str, Any]:
     ns = inv.namespace
     return {
         "name": ns.name,
@@ -165,8 +194,15 @@ def _namespace_json(inv: NamespaceInventory, reports: dict) -> dict[str, Any]:
         "pid": ns.pid,
         "container": ns.container,
         "pod": ns.pod,
+        "pod_namespace": ns.pod_namespace,
+        "pod_uid": ns.pod_uid,
+        "netns": ns.netns,
+        "named_by": ns.named_by,
         "error": inv.error,
-        "interfaces": [_interface_json(ns.name, i, reports) for i in inv.interfaces],
+        "interfaces": [
+            _interface_json(ns.name, i, reports, (peers or {}).get((ns.key, i.ifindex)))
+            for i in inv.interfaces
+        ],
     }
 
 
@@ -200,13 +236,18 @@ def _program_json(info: ProgramInfo, verdicts: ProgramVerdicts | None) -> dict[s
     }
 
 
-def datadog_json(dd: DatadogSettings) -> dict[str, Any]:
-    """The effective Datadog network settings, each with its value and source."""
+def datadog_json(dd: DatadogSettings, presence: DatadogPresence | None = None) -> dict[str, Any]:
+    """The effective Datadog network settings, each with its value and source; with
+    `presence`, whether its network detection runs on the node and the evidence."""
+    state = {"state": str(presence.state), "evidence": list(presence.evidence)} if presence else {}
     return {
+        **state,
         "network_enabled": _setting(dd.enabled),
         "classifier_priority": _setting(dd.classifier_priority),
         "classifier_handle": _setting(dd.classifier_handle),
         "ingress_enabled": _setting(dd.ingress_enabled),
+        "raw_packet_enabled": _setting(dd.raw_packet_enabled),
+        "raw_classifier_handle": _setting(dd.raw_classifier_handle),
         "agent_version": dd.agent_version,
         "agent_version_source": dd.agent_version_source,
         "notes": list(dd.notes),
@@ -242,18 +283,22 @@ def scan_json(scan: Scan) -> dict[str, Any]:
         "duration_seconds": round(scan.duration_s, 6),
         "exit_status": exit_status(scan),
         "summary": _summary(scan),
-        "datadog": datadog_json(scan.datadog),
+        "datadog": datadog_json(scan.datadog, scan.result.datadog_presence),
         "recommended_classifier_priority": scan.result.recommended_priority,
         "recommendation": scan.result.recommendation_note,
         "notes": list(scan.result.notes),
         "conflicts": [conflict_json(c) for c in scan.result.conflicts],
         "shadowed": [shadowing_json(s) for s in scan.result.shadowings],
-        "namespaces": [_namespace_json(inv, reports) for inv in scan.inventories],
+        "namespaces": [_namespace_json(inv, reports, scan.peers) for inv in scan.inventories],
         "programs": {
             str(pid): _program_json(info, scan.verdicts.get(pid))
             for pid, info in sorted(scan.catalogue.programs.items())
         },
         "vanished_namespaces": list(scan.vanished),
+        "versions": {
+            vendor: {"version": v.version, "source": v.source}
+            for vendor, v in sorted(scan.versions.items())
+        },
         "errors": list(scan.errors) + sorted(scan.catalogue.errors.values()),
     }
 
@@ -315,16 +360,37 @@ def _setting_line(label: str, s: Setting | None) -> str:
 def _datadog_lines(scan: Scan) -> list[str]:
     dd = scan.datadog
     lines = ["Datadog Workload Protection network settings:"]
+    presence = scan.result.datadog_presence
+    lines.append(f"  network detection on this node: {presence.state}")
+    lines += [f"  evidence: {line}" for line in presence.evidence]
     lines.append(_setting_line("network.enabled", dd.enabled))
     lines.append(_setting_line("network.classifier_priority", dd.classifier_priority))
     lines.append(_setting_line("network.classifier_handle", dd.classifier_handle))
     if dd.ingress_enabled is not None:
         lines.append(_setting_line("network.ingress.enabled", dd.ingress_enabled))
+    if dd.raw_packet_enabled is not None:
+        lines.append(_setting_line("network.raw_packet.enabled", dd.raw_packet_enabled))
+    if dd.raw_classifier_handle is not None:
+        lines.append(_setting_line("network.raw_classifier_handle", dd.raw_classifier_handle))
     if dd.agent_version:
         lines.append(f"  agent version: {dd.agent_version}  ({dd.agent_version_source})")
     lines += [f"  note: {n}" for n in dd.notes]
     lines += [f"  bad input ignored: {e}" for e in dd.errors]
     return lines
+
+
+PRESENCE_WORDS = {
+    PresenceState.ACTIVE: "active",
+    PresenceState.ASSUMED: "assumed active",
+    PresenceState.DISABLED: "disabled (conflicts are info)",
+    PresenceState.CONFIGURED: "configured but not running (conflicts are info)",
+    PresenceState.ABSENT: "absent (conflicts are info)",
+}
+
+
+def _presence_line(presence: DatadogPresence) -> str:
+    main = presence.evidence[0] if presence.evidence else "no evidence"
+    return f"Datadog network detection: {PRESENCE_WORDS[presence.state]}: {main}"
 
 
 def _indented(text: str, indent: str) -> list[str]:
@@ -336,6 +402,7 @@ def _remedy_lines(label: str, r: Remedy, indent: str) -> list[str]:
     for title, text in (
         ("system-probe.yaml", r.system_probe_yaml),
         ("Helm values", r.helm_values),
+        ("Datadog Operator", r.operator_values),
         ("environment", r.environment),
     ):
         if text:
@@ -405,10 +472,12 @@ def _place(c: Classifier) -> tuple[str, int]:
 
 def _hook_lines(
     report: HookReport, style: Style, explain_terminal: bool, scan: Scan,
-    hidden: dict[tuple[str, int], ShadowKind],
+    hidden: dict[tuple[str, int], ShadowKind], peers: dict[tuple[str, str], str] | None = None,
 ) -> list[str]:  # fmt: skip
     blockers = {_place(c.blocker): c.severity for c in report.conflicts}
-    lines = [f"  {report.interface} {report.direction}"]
+    peer = (peers or {}).get((report.namespace, report.interface))
+    behind = f"  (peer in {peer})" if peer else ""
+    lines = [f"  {report.interface} {report.direction}{behind}"]
     for c in report.classifiers:
         mark = ""
         if _place(c) in blockers:
@@ -438,6 +507,26 @@ def _hidden_by_hook(scan: Scan) -> HiddenByHook:
     return found
 
 
+def _peer_names(scan: Scan) -> dict[tuple[str, str], str]:
+    """(namespace name, interface name) of each host-side veth -> where its other end is."""
+    found = {}
+    for inv in scan.inventories:
+        for interface in inv.interfaces:
+            peer = scan.peers.get((inv.namespace.key, interface.ifindex))
+            if peer is not None:
+                found[(inv.namespace.name, interface.name)] = peer.name
+    return found
+
+
+def _version_lines(scan: Scan) -> list[str]:
+    if not scan.versions:
+        return ["Versions found on the node: none (no known product's container found)"]
+    lines = ["Versions found on the node:"]
+    for vendor, found in sorted(scan.versions.items()):
+        lines.append(f"  {vendor} {found.version}  ({found.source})")
+    return lines
+
+
 def _inventory_lines(scan: Scan, style: Style, explain_terminal: bool) -> list[str]:
     by_namespace: dict[str, list[HookReport]] = {}
     for report in scan.result.hooks:
@@ -446,11 +535,12 @@ def _inventory_lines(scan: Scan, style: Style, explain_terminal: bool) -> list[s
     if not by_namespace:
         lines.append("  (no TC classifier on this node)")
     hidden = _hidden_by_hook(scan)
+    peers = _peer_names(scan)
     for ns_name, reports in by_namespace.items():
         lines.append(style.bold(ns_name))
         for report in reports:
             key = (report.namespace, report.interface, str(report.direction))
-            lines += _hook_lines(report, style, explain_terminal, scan, hidden.get(key, {}))
+            lines += _hook_lines(report, style, explain_terminal, scan, hidden.get(key, {}), peers)
     return lines
 
 
@@ -462,10 +552,11 @@ def render_text(scan: Scan, color: bool | None = None, explain_terminal: bool = 
         f"{summary['namespaces']} namespaces, {summary['interfaces']} interfaces, "
         f"{summary['classifiers']} classifiers, {scan.duration_s:.2f} s"
     )
-    lines = [header, ""]
+    lines = [header, _presence_line(scan.result.datadog_presence), ""]
     lines += _conflict_lines(scan, style) + [""]
     lines += _shadowing_lines(scan, style) + [""]
     lines += _datadog_lines(scan) + [""]
+    lines += _version_lines(scan) + [""]
     lines += _inventory_lines(scan, style, explain_terminal)
     if scan.vanished:
         lines += ["", f"Namespaces gone during the scan (skipped): {', '.join(scan.vanished)}"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from tcprio.analysis import semantics, vendors
 from tcprio.analysis.classic_bpf import analyse_classic
 from tcprio.analysis.conflicts import DatadogTarget, HookClassifiers, analyse
+from tcprio.analysis.datadog_presence import decide_presence
 from tcprio.analysis.netkit import NetkitPlacement, PlacedChain, chain_program_ids, place_chains
 from tcprio.analysis.remedies import attach_remedies, incompatibility_notes
 from tcprio.analysis.shadowing import ObserverRule, find_shadowings
@@ -16,23 +18,28 @@ from tcprio.analysis.verdicts import AnalysisLimits, SharedVerdicts, analyse_pro
 from tcprio.datadog import resolve_settings
 from tcprio.kernel import bpf_syscalls
 from tcprio.kernel.btf import running_kernel_skb_cb_area
+from tcprio.kernel.containers import NodeContainers, read_containers
 from tcprio.kernel.namespaces import discover_namespaces
 from tcprio.kernel.programs import ProgramCatalogue, collect_programs
-from tcprio.kernel.tc_inventory import read_namespace
+from tcprio.kernel.tc_inventory import peer_namespaces, read_namespace
+from tcprio.kernel.versions import find_versions
 from tcprio.model import (
     Classifier,
     ClassifierVerdict,
+    DatadogPresence,
     DatadogSettings,
     Direction,
     HookInventory,
     HookKind,
     NamespaceInventory,
     NetNamespace,
+    PresenceState,
     ProgramInfo,
     ProgramVerdicts,
     ScanResult,
     TcFilter,
     TcxEntry,
+    VendorVersion,
     VerdictClass,
     XdpProgram,
 )
@@ -50,6 +57,9 @@ class Scan:
     vanished: list[str] = field(default_factory=list)  # namespaces gone mid-scan
     errors: list[str] = field(default_factory=list)
     duration_s: float = 0.0
+    versions: dict[str, VendorVersion] = field(default_factory=dict)  # vendor -> its version
+    # (namespace key, ifindex) of a host-side veth -> the namespace its other end is in
+    peers: dict[tuple[tuple[int, int], int], NetNamespace] = field(default_factory=dict)
 
 
 def enumerate_namespaces(
@@ -389,20 +399,46 @@ def all_hooks(
     return hooks
 
 
-def datadog_target(settings: DatadogSettings) -> DatadogTarget:
+def datadog_target(
+    settings: DatadogSettings, presence: DatadogPresence | None = None
+) -> DatadogTarget:
+    """Where Datadog's classifier goes; without `presence`, whether it runs is what the
+    settings' network.enabled says."""
     directions = {Direction.EGRESS}
     ingress = settings.ingress_enabled
     if ingress is None or bool(ingress.value):
         directions.add(Direction.INGRESS)
     return DatadogTarget(
         priority=int(settings.classifier_priority.value),  # type: ignore[call-overload]
-        enabled=bool(settings.enabled.value),
+        enabled=presence.runs if presence is not None else bool(settings.enabled.value),
         directions=frozenset(directions),
+        presence=presence,
     )
 
 
-def _has_vendor(result: ScanResult, vendor: str) -> bool:
-    return any(c.vendor == vendor for hook in result.hooks for c in hook.classifiers)
+def observed_hooks(result: ScanResult) -> dict[str, frozenset[HookKind]]:
+    """Vendor -> the hooks its programs were seen on."""
+    seen: dict[str, set[HookKind]] = {}
+    for hook in result.hooks:
+        for c in hook.classifiers:
+            if c.vendor:
+                seen.setdefault(c.vendor, set()).add(c.hook)
+    return {vendor: frozenset(hooks) for vendor, hooks in seen.items()}
+
+
+def vendor_versions_with(
+    versions: Mapping[str, VendorVersion] | None, cilium_version: str | None
+) -> dict[str, VendorVersion]:
+    """The vendors' versions found on the node; `--cilium-version` overrides Cilium's."""
+    found = dict(versions or {})
+    if cilium_version:
+        found["Cilium"] = VendorVersion("Cilium", cilium_version, "--cilium-version")
+    return found
+
+
+DATADOG_CONFIGURED = frozenset(
+    {PresenceState.ACTIVE, PresenceState.ASSUMED, PresenceState.CONFIGURED}
+)
 
 
 @dataclass
@@ -421,9 +457,14 @@ def analyse_node(
     cilium_version: str | None = None,
     observers: Sequence[ObserverRule] = (),
     catalogue: ProgramCatalogue | None = None,
+    assume_datadog: bool = False,
+    vendor_versions: Mapping[str, VendorVersion] | None = None,
+    datadog_seen_before: str | None = None,
 ) -> NodeAnalysis:
     """Programs, verdicts, conflicts and remedies for the given inventories, and every other
-    classifier hidden (`observers`: those the daemon's configuration names).
+    classifier hidden (`observers`: those the daemon's configuration names). Conflicts keep
+    their severity only where Datadog's detection is active, or `assume_datadog`;
+    `datadog_seen_before` says when the daemon last saw Datadog's classifiers attached.
 
     `cache` keeps program infos and verdicts between calls (the daemon); without it every
     program is read and analysed afresh (a one-shot scan).
@@ -434,11 +475,18 @@ def analyse_node(
     verdicts = cache.verdicts(catalogue, roots)
     placement = place_chains(inventories)
     hooks = all_hooks(inventories, verdicts, catalogue, placement)
-    result = analyse(hooks, datadog_target(datadog))
+    presence = decide_presence(datadog, hooks, assume_datadog, datadog_seen_before)
+    result = analyse(hooks, datadog_target(datadog, presence))
     result = attach_remedies(result, datadog)
     result.notes.extend(placement.notes)
     result.notes.extend(
-        incompatibility_notes(datadog, cilium_version, _has_vendor(result, "Cilium"))
+        incompatibility_notes(
+            datadog,
+            vendor_versions_with(vendor_versions, cilium_version),
+            observed_hooks(result),
+            kernel_release=os.uname().release,
+            datadog_configured=presence.state in DATADOG_CONFIGURED,
+        )
     )
     result.shadowings = find_shadowings(result.hooks, observers)
     return NodeAnalysis(catalogue, verdicts, result)
@@ -453,11 +501,27 @@ def run_scan(
     settings: DatadogSettings | None = None,
     cilium_version: str | None = None,
     observers: Sequence[ObserverRule] = (),
+    assume_datadog: bool = False,
+    vendor_versions: Mapping[str, VendorVersion] | None = None,
+    containers: NodeContainers | None = None,
 ) -> Scan:
+    """`vendor_versions`: None to find them on the node, from `containers` (the runtimes'
+    bundles, read from their default places when None; the command line reads them once for
+    both `discover` and this)."""
     started = time.monotonic()
     inventories, vanished = enumerate_namespaces(discover())
+    notes: list[str] = []
+    if vendor_versions is None:
+        containers = containers if containers is not None else read_containers()
+        found = find_versions(containers)
+        vendor_versions, notes = found.versions, found.notes
     datadog = settings if settings is not None else resolve_settings()
-    node = analyse_node(inventories, datadog, cilium_version=cilium_version, observers=observers)
+    datadog = _with_agent_version(datadog, vendor_versions)
+    node = analyse_node(
+        inventories, datadog, cilium_version=cilium_version, observers=observers,
+        assume_datadog=assume_datadog, vendor_versions=vendor_versions,
+    )  # fmt: skip
+    node.result.notes.extend(notes)
     return Scan(
         inventories=inventories,
         catalogue=node.catalogue,
@@ -465,6 +529,43 @@ def run_scan(
         datadog=datadog,
         result=node.result,
         vanished=vanished,
-        errors=inventory_errors(inventories),
+        errors=inventory_errors(inventories) + list(containers.notes if containers else ()),
         duration_s=time.monotonic() - started,
+        versions=vendor_versions_with(vendor_versions, cilium_version),
+        peers=veth_peers(inventories),
     )
+
+
+def veth_peers(
+    inventories: Sequence[NamespaceInventory], home: tuple[int, int] | None = None
+) -> dict[tuple[tuple[int, int], int], NetNamespace]:
+    """(namespace key, ifindex) of each host-side veth -> the namespace of its other end (a
+    pod's), from the veth's IFLA_LINK_NETNSID and the ids the host gives the namespaces.
+    `home`: the key of the namespace playing the host (default: the host's)."""
+    host = next(
+        (
+            i
+            for i in inventories
+            if (i.namespace.key == home if home else i.namespace.source in ("host", "self"))
+        ),
+        None,
+    )
+    if host is None or not any(i.peer_netnsid is not None for i in host.interfaces):
+        return {}
+    others = [i.namespace for i in inventories if i is not host]
+    by_nsid = peer_namespaces(host.namespace, others)
+    return {
+        (host.namespace.key, i.ifindex): by_nsid[i.peer_netnsid]
+        for i in host.interfaces
+        if i.peer_netnsid is not None and i.peer_netnsid in by_nsid
+    }
+
+
+def _with_agent_version(
+    datadog: DatadogSettings, versions: Mapping[str, VendorVersion]
+) -> DatadogSettings:
+    """The agent's version from its container's image when the settings found none."""
+    found = versions.get("Datadog")
+    if datadog.agent_version is not None or found is None:
+        return datadog
+    return replace(datadog, agent_version=found.version, agent_version_source=found.source)

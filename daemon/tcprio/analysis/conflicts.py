@@ -17,9 +17,11 @@ from tcprio.model import (
     ETH_P_ALL,
     Classifier,
     Conflict,
+    DatadogPresence,
     Direction,
     HookKind,
     HookReport,
+    PresenceState,
     ScanResult,
     Severity,
     VerdictClass,
@@ -47,8 +49,21 @@ class DatadogTarget:
     """Where Datadog's classifier is configured to go, and on which hooks it attaches."""
 
     priority: int
-    enabled: bool = True
+    enabled: bool = True  # its detection runs (or is assumed to): conflicts keep their severity
     directions: frozenset[Direction] = frozenset(Direction)
+    # Why it runs or not (`analysis/datadog_presence.py`); None: as `enabled` says.
+    presence: DatadogPresence | None = None
+
+    @property
+    def state(self) -> PresenceState:
+        if self.presence is not None:
+            return self.presence.state
+        return PresenceState.ASSUMED if self.enabled else PresenceState.DISABLED
+
+    @property
+    def advises(self) -> bool:
+        """A recommendation is shown: detection runs, or may run later (not turned off)."""
+        return self.enabled or self.state is not PresenceState.DISABLED
 
 
 def execution_order(classifiers: Iterable[Classifier]) -> tuple[Classifier, ...]:
@@ -415,11 +430,23 @@ def _fixed_by_priority(c: Conflict) -> bool:
     )
 
 
-def _downgrade(conflict: Conflict) -> Conflict:
-    return replace(
-        conflict,
-        severity=Severity.INFO,
-        message=conflict.message + " (Datadog network detection is disabled: nothing to do)",
+DISABLED_SUFFIX = " (Datadog network detection is disabled: nothing to do)"
+NOT_RUNNING_SUFFIX = (
+    " (would hide Datadog's classifier once network detection runs; it does not run here)"
+)
+
+
+def _downgrade(conflict: Conflict, target: DatadogTarget) -> Conflict:
+    suffix = NOT_RUNNING_SUFFIX if target.advises else DISABLED_SUFFIX
+    return replace(conflict, severity=Severity.INFO, message=conflict.message + suffix)
+
+
+def _inactive_note(target: DatadogTarget) -> str:
+    if not target.advises:
+        return "Datadog network detection is disabled: no conflict can hurt it"
+    return (
+        f"Datadog network detection is not active here ({target.state}): every conflict is "
+        "info, and would hide Datadog's classifier once network detection runs"
     )
 
 
@@ -433,12 +460,13 @@ def analyse(hooks: Iterable[HookClassifiers], target: DatadogTarget) -> ScanResu
         limits.extend(hook_limits)
         latent.extend(hook_latent)
     recommendation = recommend_priority(limits, reports, latent)
-    recommended = recommendation.priority if target.enabled else None
+    recommended = recommendation.priority if target.advises else None
     result = ScanResult(
         recommended_priority=recommended,
         recommendation_note=(
-            _recommendation_note(limits, recommendation) if target.enabled else ""
+            _recommendation_note(limits, recommendation) if target.advises else ""
         ),
+        datadog_presence=target.presence or DatadogPresence(target.state, ("from the target",)),
     )
     for report in reports:
         conflicts = tuple(
@@ -446,10 +474,10 @@ def analyse(hooks: Iterable[HookClassifiers], target: DatadogTarget) -> ScanResu
             for c in report.conflicts
         )
         if not target.enabled:
-            conflicts = tuple(_downgrade(c) for c in conflicts)
+            conflicts = tuple(_downgrade(c, target) for c in conflicts)
         result.hooks.append(replace(report, conflicts=conflicts))
         result.conflicts.extend(conflicts)
     result.conflicts.sort(key=severity_rank)
     if not target.enabled:
-        result.notes.append("Datadog network detection is disabled: no conflict can hurt it")
+        result.notes.append(_inactive_note(target))
     return result

@@ -43,6 +43,7 @@ FIRST_CONFIGURABLE_PRIORITY = (7, 39, 2)
 FIXED_PRIORITY_BEFORE_7_39_2 = 1
 FIRST_EVENT_MONITORING_VERSION = (7, 44, 0)  # approximate: PR 16108 merged March 2023
 FIRST_INGRESS_DEFAULT_ON = (7, 64, 0)  # approximate: PR 34487 merged 2025-02-27
+FIRST_RAW_PACKET_DEFAULT_ON = (7, 67, 0)  # approximate: PR 37413 (2025)
 
 _GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
@@ -157,6 +158,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("classifier_priority", "network.classifier_priority", check_priority, DEFAULT_PRIORITY),
     Spec("classifier_handle", "network.classifier_handle", check_handle, DEFAULT_HANDLE),
     Spec("ingress_enabled", "network.ingress.enabled", check_bool, True),
+    Spec("raw_packet_enabled", "network.raw_packet.enabled", check_bool, True),
+    Spec("raw_classifier_handle", "network.raw_classifier_handle", check_handle, DEFAULT_HANDLE),
 )
 SPEC_BY_FIELD = {spec.field: spec for spec in SPECS}
 
@@ -314,7 +317,33 @@ def apply_version(
         )
     if v < FIRST_INGRESS_DEFAULT_ON and settings["ingress_enabled"].source == "default":
         out["ingress_enabled"] = Setting(False, f"default for agent {version_text}")
+    if v < FIRST_RAW_PACKET_DEFAULT_ON and settings["raw_packet_enabled"].source == "default":
+        out["raw_packet_enabled"] = Setting(False, f"default for agent {version_text}")
     return out
+
+
+def check_raw_handles(settings: Mapping[str, Setting], log: Log) -> None:
+    """With raw packets on, system-probe refuses its configuration unless classifier_handle and
+    raw_classifier_handle are both 0 (the kernel picks) or both set and different: one error
+    line when they are not (Workload Protection then does not start)."""
+    raw = settings.get("raw_packet_enabled")
+    if raw is None or raw.value is not True or settings["enabled"].value is not True:
+        return
+    main, raw_handle = settings["classifier_handle"], settings["raw_classifier_handle"]
+    if main.value == raw_handle.value == 0:
+        return
+    if main.value == raw_handle.value:
+        problem = "they must differ"
+    elif 0 in (main.value, raw_handle.value):
+        problem = "they must both be 0 or both be set"
+    else:
+        return
+    log.errors.append(
+        f"network.classifier_handle {main.value} ({main.source}) and "
+        f"network.raw_classifier_handle {raw_handle.value} ({raw_handle.source}) with "
+        f"network.raw_packet.enabled true ({raw.source}): {problem}, system-probe refuses "
+        "this configuration and Workload Protection does not start"
+    )
 
 
 # --- putting it together ---------------------------------------------------------------------
@@ -333,8 +362,9 @@ def resolve(view: ConfigView, version: tuple[str, str] | None, log: Log) -> Reso
     text, source = version if version else (None, None)
     parsed = parse_version(text)
     legacy = parsed is not None and _padded(parsed) < FIRST_EVENT_MONITORING_VERSION
-    settings = resolve_view(replace(view, legacy=legacy), log)
-    return Resolved(apply_version(settings, parsed, text, log), text, source)
+    settings = apply_version(resolve_view(replace(view, legacy=legacy), log), parsed, text, log)
+    check_raw_handles(settings, log)
+    return Resolved(settings, text, source)
 
 
 def show(value: object) -> str:

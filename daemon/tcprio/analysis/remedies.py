@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from tcprio.analysis import vendors
-from tcprio.analysis.conflicts import severity_rank
+from tcprio.analysis.conflicts import EARLY_HOOKS, severity_rank
 from tcprio.analysis.datadog_settings import (
     PRIORITY_RANGE,
     WP_ENABLED_KEY,
     deprecated_key,
     env_name,
-    known_incompatibility,
     new_key,
     show,
 )
+from tcprio.analysis.incompatibilities import NodeFacts, known_incompatibilities, unchecked
 from tcprio.model import (
     Conflict,
     DatadogSettings,
+    HookKind,
     Remedy,
     ScanResult,
     Setting,
     Severity,
+    VendorVersion,
     VerdictClass,
 )
 
@@ -34,34 +37,42 @@ INSPECT = Remedy(
 )
 
 
-def vendor_remedy(vendor: str | None) -> Remedy | None:
+def vendor_remedy(vendor: str | None, hook: HookKind | str = HookKind.CLSACT) -> Remedy | None:
+    """The vendor-side fix for its program on `hook`: a tcx, netkit or XDP program is never told
+    to change a tc priority (vendors.yaml keeps one remedy per hook)."""
     rule = vendors.rule_by_name(vendor) if vendor else None
-    if rule is None or not rule.remedy:
+    text = rule.remedy_for(str(hook)) if rule is not None else None
+    if rule is None or not text:
         return None
-    return Remedy(summary=f"reconfigure {rule.name}: {rule.remedy}")
+    return Remedy(summary=f"reconfigure {rule.name} ({hook}): {text}")
 
 
 def remedies_for(conflict: Conflict, settings: DatadogSettings) -> tuple[Remedy, ...]:
-    """Most direct fix first."""
+    """The routine fix first (Datadog's priority, or the vendor's own setting), then reading
+    what could not be proven, and disabling Datadog's detection last."""
+    blocker = conflict.blocker
+    vendor = vendor_remedy(blocker.vendor, blocker.hook)
     found: list[Remedy | None] = []
     if conflict.severity is Severity.CRITICAL:
         found += [
-            vendor_remedy(conflict.blocker.vendor),
+            vendor,
             disable_network_remedy(settings.enabled),
             disable_workload_protection_remedy(),
         ]
     elif conflict.severity in (Severity.ERROR, Severity.WARNING):
-        if conflict.recommended_priority is not None:
+        fixable = conflict.recommended_priority is not None and blocker.hook is HookKind.CLSACT
+        if fixable:
             found.append(
                 priority_remedy(conflict.recommended_priority, settings.classifier_priority)
             )
         elif conflict.severity is Severity.ERROR:
-            found += [
-                vendor_remedy(conflict.blocker.vendor),
-                disable_network_remedy(settings.enabled),
-            ]
-        if conflict.blocker.verdict.verdict_class is VerdictClass.UNKNOWN:
+            found.append(vendor)
+        if blocker.verdict.verdict_class is VerdictClass.UNKNOWN:
             found.append(INSPECT)
+            if blocker.hook in EARLY_HOOKS:
+                found.append(vendor)
+        if conflict.severity is Severity.ERROR and not fixable:
+            found.append(disable_network_remedy(settings.enabled))
     return tuple(r for r in found if r is not None)
 
 
@@ -75,25 +86,27 @@ def attach_remedies(result: ScanResult, settings: DatadogSettings) -> ScanResult
 
 
 def incompatibility_notes(
-    settings: DatadogSettings, cilium_version: str | None, cilium_present: bool
+    settings: DatadogSettings,
+    versions: Mapping[str, VendorVersion],
+    observed: Mapping[str, frozenset[HookKind]],
+    kernel_release: str | None = None,
+    datadog_configured: bool | None = None,
 ) -> list[str]:
-    """The known broken pair: Cilium <= 1.9 with agent 7.36 to 7.39.1."""
-    if not cilium_present:
-        return []
-    verdict = known_incompatibility(cilium_version, settings.agent_version)
-    if verdict:
-        return [verdict]
-    if cilium_version is None or settings.agent_version is None:
-        missing = (
-            "Cilium's version (--cilium-version)"
-            if cilium_version is None
-            else ("the Datadog agent's version")
-        )
-        return [
-            "Cilium classifiers found: the known incompatible pair (Cilium <= 1.9 with agent "
-            f"7.36 to 7.39.1) cannot be checked without {missing}"
-        ]
-    return []
+    """The known incompatible pairs the node is in (analysis/incompatibilities.py), from the
+    vendors' versions, the agent's, the kernel's and where each vendor's programs were seen;
+    and one line when Cilium's legacy tc filters are seen without the versions to check.
+    `datadog_configured` (default: what network.enabled says) gates the any-agent rows."""
+    configured = datadog_configured
+    if configured is None:
+        configured = settings.enabled.value is True
+    facts = NodeFacts(
+        versions=versions,
+        agent_version=settings.agent_version,
+        kernel_release=kernel_release,
+        observed=observed,
+        datadog_configured=configured,
+    )
+    return known_incompatibilities(facts) + unchecked(facts)
 
 
 # --- Datadog's own changes, in the spelling that wins ----------------------------------------
@@ -200,6 +213,22 @@ def helm_env_snippet(name: str, value: str) -> str:
     )
 
 
+def operator_env_snippet(name: str, value: str) -> str:
+    """DatadogAgent lines (Datadog Operator) adding one variable to the system-probe container.
+    The Operator has no field for these settings (`spec.features.cws.network.enabled: false`
+    changes nothing on the agent): the variable is the way."""
+    return (
+        "spec:\n"
+        "  override:\n"
+        "    nodeAgent:\n"
+        "      containers:\n"
+        "        system-probe:\n"
+        "          env:\n"
+        f"            - name: {name}\n"
+        f'              value: "{value}"\n'
+    )
+
+
 def helm_values_snippet(priority: int, setting: Setting | None = None) -> str:
     """The Datadog chart has no value for classifier_priority: set the variable on system-probe."""
     _check_priority_arg(priority)
@@ -212,12 +241,14 @@ RESTART_KUBERNETES = (
     "apply the values with helm upgrade, then, if the agent pods were not replaced, "
     "kubectl -n <namespace> rollout restart daemonset/<datadog-agent-daemonset>"
 )
+RESTART_OPERATOR = "kubectl apply the DatadogAgent: the Operator replaces the agent pods"
 
 
 def restart_instructions() -> tuple[str, ...]:
     return (
         f"host: {RESTART_HOST} (restarts system-probe and security-agent with it)",
         f"Kubernetes: {RESTART_KUBERNETES}",
+        f"Datadog Operator: {RESTART_OPERATOR}",
     )
 
 
@@ -228,10 +259,12 @@ def priority_remedy(priority: int, setting: Setting | None = None) -> Remedy:
         summary=f"set Workload Protection's classifier priority to {priority}",
         system_probe_yaml=system_probe_yaml_snippet(priority, setting),
         helm_values=helm_values_snippet(priority, setting),
+        operator_values=operator_env_snippet(spelling.env_var, str(priority)),
         environment=env_line(priority, setting),
         extra=(
             spelling.why,
-            "the Helm chart has no value for it: the variable goes on the system-probe container",
+            "the Helm chart and the Datadog Operator have no value for it: the variable goes on "
+            "the system-probe container",
             *restart_instructions(),
         ),
     )
@@ -241,6 +274,7 @@ HELM_DISABLE_NETWORK = (
     "datadog:\n  securityAgent:\n    runtime:\n      network:\n        enabled: false\n"
 )
 HELM_DISABLE_WP = "datadog:\n  securityAgent:\n    runtime:\n      enabled: false\n"
+OPERATOR_DISABLE_WP = "spec:\n  features:\n    cws:\n      enabled: false\n"
 
 
 def disable_network_remedy(setting: Setting | None = None) -> Remedy:
@@ -250,11 +284,14 @@ def disable_network_remedy(setting: Setting | None = None) -> Remedy:
         summary="disable Workload Protection network detection",
         system_probe_yaml=nested_yaml(spelling.yaml_key, False),
         helm_values=HELM_DISABLE_NETWORK,
+        operator_values=operator_env_snippet(spelling.env_var, "false"),
         environment=f"{spelling.env_var}=false",
         extra=(
             spelling.why,
             "the Datadog Helm chart always writes runtime_security_config.network.enabled into "
             "system-probe.yaml, so on Helm installs use the chart value: the variable is ignored",
+            "Datadog Operator: `spec.features.cws.network.enabled: false` changes nothing on the "
+            "agent; the variable on the system-probe container does",
             *restart_instructions(),
         ),
     )
@@ -267,6 +304,7 @@ def disable_workload_protection_remedy() -> Remedy:
         summary="disable Workload Protection entirely",
         system_probe_yaml=snippet,
         helm_values=HELM_DISABLE_WP,
+        operator_values=OPERATOR_DISABLE_WP,
         environment=f"{env_name(WP_ENABLED_KEY)}=false",
         extra=(
             f"set it in both system-probe.yaml and security-agent.yaml:\n{snippet}",

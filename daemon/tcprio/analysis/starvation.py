@@ -2,15 +2,20 @@
 
 BPF run statistics count per program, not per hook, so a verdict is only drawn where the
 Datadog program and the program in its way are each attached to this one hook: then their
-counters speak for this hook alone. Pure: a scan result and counter samples in, hooks out.
+counters speak for this hook alone. Every classifier that runs before Datadog's counts, whatever
+its conflict severity or verdict class: the counters are the evidence, so a blocker whose
+verdict static analysis could not prove (`unknown`, a warning) is caught the same way as a
+proven one. Pure: a scan result and counter samples in, hooks out.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
-from tcprio.model import HookKey, RunStats, ScanResult, Severity
+from tcprio.analysis.conflicts import execution_order
+from tcprio.model import Classifier, HookKey, HookReport, RunStats, ScanResult
 
 Samples = Sequence[tuple[float, Mapping[int, RunStats]]]
 MIN_WINDOW_S = 5.0
@@ -36,27 +41,83 @@ def _runs(samples: Samples, prog_id: int, min_window_s: float) -> int | None:
     return None
 
 
+@dataclass(frozen=True)
+class Starvation:
+    """One hook where Datadog's classifier did not run while classifiers before it did."""
+
+    hook: HookKey
+    datadog: Classifier
+    busy: tuple[tuple[Classifier, int], ...]  # the ones before it that ran, with their runs
+
+    def as_log(self) -> dict[str, object]:
+        namespace, interface, direction = self.hook
+        return {
+            "event": "datadog-starved",
+            "namespace": namespace,
+            "interface": interface,
+            "direction": direction,
+            "datadog_prog_id": self.datadog.prog_id,
+            "datadog_program": self.datadog.name,
+            "blockers": [_blocker_log(c, runs) for c, runs in self.busy],
+        }
+
+
+def _blocker_log(c: Classifier, runs: int) -> dict[str, object]:
+    return {
+        "prog_id": c.prog_id,
+        "name": c.name,
+        "vendor": c.vendor,
+        "hook": str(c.hook),
+        "priority": c.priority,
+        "verdict": str(c.verdict.verdict_class),
+        "runs": runs,
+    }
+
+
+def _before_datadog(hook: HookReport, datadog: Classifier) -> list[Classifier]:
+    """Every classifier that sees a packet on this hook before Datadog's does."""
+    ordered = execution_order(hook.classifiers)
+    return list(ordered[: ordered.index(datadog)])
+
+
+def _hook_starvation(
+    hook: HookReport, attached: Counter[int], samples: Samples, min_window_s: float
+) -> Starvation | None:
+    datadog = [c for c in hook.classifiers if c.is_datadog and c.prog_id is not None]
+    if len(datadog) != 1 or attached[datadog[0].prog_id] != 1:
+        return None
+    if _runs(samples, datadog[0].prog_id, min_window_s) != 0:
+        return None
+    busy = []
+    for c in _before_datadog(hook, datadog[0]):
+        if c.prog_id is None or attached[c.prog_id] != 1:
+            continue  # its counter would mix in other hooks' packets
+        runs = _runs(samples, c.prog_id, min_window_s) or 0
+        if runs > 0:
+            busy.append((c, runs))
+    if not busy:
+        return None
+    where = (hook.namespace, hook.interface, str(hook.direction))
+    return Starvation(where, datadog[0], tuple(busy))
+
+
+def starvations(
+    result: ScanResult, samples: Samples, min_window_s: float = MIN_WINDOW_S
+) -> Iterator[Starvation]:
+    """Hooks where a classifier before Datadog's ran and Datadog's did not, over at least
+    `min_window_s` (the daemon waits for MIN_WINDOW_S of evidence; the self-test sends its own
+    traffic)."""
+    if len(samples) < 2:
+        return
+    attached = _attachments(result)
+    for hook in result.hooks:
+        found = _hook_starvation(hook, attached, samples, min_window_s)
+        if found is not None:
+            yield found
+
+
 def starved_hooks(
     result: ScanResult, samples: Samples, min_window_s: float = MIN_WINDOW_S
 ) -> frozenset[HookKey]:
-    """Hooks where a blocker ran and Datadog's classifier did not, over at least `min_window_s`
-    (the daemon waits for MIN_WINDOW_S of evidence; the self-test sends its own traffic)."""
-    if len(samples) < 2:
-        return frozenset()
-    attached = _attachments(result)
-    starved = set()
-    for hook in result.hooks:
-        datadog = [c for c in hook.classifiers if c.is_datadog and c.prog_id is not None]
-        if len(datadog) != 1 or attached[datadog[0].prog_id] != 1:
-            continue
-        blockers = [
-            c.blocker.prog_id
-            for c in hook.conflicts
-            if c.severity in (Severity.CRITICAL, Severity.ERROR)
-            and c.blocker.prog_id is not None
-            and attached[c.blocker.prog_id] == 1
-        ]
-        busy = any((_runs(samples, p, min_window_s) or 0) > 0 for p in blockers)
-        if busy and _runs(samples, datadog[0].prog_id, min_window_s) == 0:
-            starved.add((hook.namespace, hook.interface, str(hook.direction)))
-    return frozenset(starved)
+    """The hooks of `starvations`."""
+    return frozenset(s.hook for s in starvations(result, samples, min_window_s))

@@ -20,10 +20,21 @@ class VendorRule:
     programs: tuple[re.Pattern[str], ...]
     filters: tuple[re.Pattern[str], ...]
     datadog_classifier: bool = False
-    remedy: str = ""
     # Exact identity (Datadog's classifiers): whole program names, and whole filter names.
     exact_programs: frozenset[str] = frozenset()
     exact_filters: tuple[re.Pattern[str], ...] = ()
+    # (program pattern, filter pattern) that identify only together.
+    pairs: tuple[tuple[re.Pattern[str], re.Pattern[str]], ...] = ()
+    hooks: tuple[str, ...] = ()  # where it attaches: "clsact", "tcx", "netkit", "xdp"
+    returns: str = ""  # what its programs return, from its sources
+    # The vendor-side fix when it hides Datadog's classifier, by hook kind ("clsact", "tcx"...).
+    remedies: tuple[tuple[str, str], ...] = ()
+    identified_by: str = ""  # the README table's words
+    remedy_summary: str = ""
+
+    def remedy_for(self, hook: str) -> str | None:
+        """The vendor-side fix for one of its programs on `hook` (a HookKind value), if any."""
+        return dict(self.remedies).get(str(hook))
 
     def matches(self, program_name: str | None, filter_name: str | None) -> bool:
         return self.evidence(program_name, filter_name) is not None
@@ -40,6 +51,18 @@ class VendorRule:
             for pattern in self.filters:
                 if pattern.match(filter_name):
                     return f"filter name {filter_name} starts like {pattern.pattern!r}"
+        return self._pair_evidence(program_name, filter_name)
+
+    def _pair_evidence(self, program_name: str | None, filter_name: str | None) -> str | None:
+        """Program names too generic to claim alone, identified with their filter name."""
+        if not program_name or not filter_name:
+            return None
+        for program, filter_ in self.pairs:
+            if program.match(program_name) and filter_.match(filter_name):
+                return (
+                    f"program name {program_name} together with filter name {filter_name} "
+                    f"({program.pattern!r} and {filter_.pattern!r})"
+                )
         return None
 
     def _exact_evidence(self, program_name: str | None, filter_name: str | None) -> str | None:
@@ -74,10 +97,24 @@ def _rule(entry: dict[str, Any]) -> VendorRule:
         programs=tuple(re.compile(p) for p in entry.get("programs", [])),
         filters=tuple(re.compile(p) for p in entry.get("filters", [])),
         datadog_classifier=bool(entry.get("datadog_classifier", False)),
-        remedy=str(entry.get("remedy", "")).strip(),
         exact_programs=frozenset(str(n) for n in entry.get("exact_programs", [])),
         exact_filters=tuple(re.compile(p) for p in entry.get("exact_filters", [])),
+        pairs=tuple(
+            (re.compile(pair["program"]), re.compile(pair["filter"]))
+            for pair in entry.get("pairs", [])
+        ),
+        hooks=tuple(str(h) for h in entry.get("hooks", [])),
+        returns=_text(entry.get("returns")),
+        remedies=tuple(
+            (str(hook), _text(text)) for hook, text in (entry.get("remedies") or {}).items()
+        ),
+        identified_by=_text(entry.get("identified_by")),
+        remedy_summary=_text(entry.get("remedy_summary")),
     )
+
+
+def _text(value: object) -> str:
+    return " ".join(str(value).split()) if value is not None else ""
 
 
 def parse_rules(text: str) -> tuple[VendorRule, ...]:

@@ -71,7 +71,8 @@ def scan_collector(ctx: Context) -> Collector:
 
         known = ctx.namespaces
         discover = ctx.discover if known is None else (lambda: list(known))
-        scan = run_scan(discover=discover, settings=ctx.settings())
+        assume = bool(getattr(ctx.args, "assume_datadog", False))
+        scan = run_scan(discover=discover, settings=ctx.settings(), assume_datadog=assume)
         items = [Item("scan.json", json_bytes(scan_json(scan)))]
         items.append(Item("scan.txt", render_text(scan, color=False).encode()))
         return items

@@ -24,13 +24,16 @@ from tcprio.inputs import (
     parse_version,
     parse_yaml_mapping,
 )
+from tcprio.kernel.containers import NodeContainers, read_containers
 from tcprio.kernel.files import (
     lstat_or_none,
     read_proc_bytes,
     read_small_file,
     resolve_in_root,
     resolve_plain,
+    stat_in_root,
 )
+from tcprio.kernel.versions import cgroup_container, split_image
 
 DEFAULT_CONFIG_DIR = "/etc/datadog-agent"
 SYSTEM_PROBE_FILE = "system-probe.yaml"
@@ -251,3 +254,114 @@ def process_install_dirs(proc: AgentProcess) -> list[str]:
     if proc.exe and proc.exe.endswith(suffix):
         dirs.append(proc.exe.removesuffix(suffix) or "/")
     return [*dirs, DEFAULT_INSTALL_DIR]
+
+
+# --- is a system-probe Datadog's? ------------------------------------------------------------
+
+EXE_SUFFIX = f"/embedded/bin/{PROCESS_NAME}"
+
+
+def is_agent_image(image: str) -> bool:
+    """Datadog's agent image (gcr.io/datadoghq/agent, datadog/agent, public.ecr.aws/datadog/agent
+    and mirrors of them), by its repository's last two parts."""
+    parts = split_image(image)[0].split("/")
+    return len(parts) >= 2 and parts[-2] in ("datadog", "datadoghq") and parts[-1] == "agent"
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Whether a process named system-probe is Datadog's own, and why, in one line."""
+
+    process: AgentProcess
+    verified: bool
+    reason: str
+    install_dir: str | None = None
+    config_path: str | None = None
+
+
+def effective_uid(proc_dir: Path) -> int | None:
+    """The effective uid from /proc/<pid>/status (as seen from tcprio's user namespace)."""
+    text = _read_proc_text(proc_dir / "status") or ""
+    for line in text.splitlines():
+        if line.startswith("Uid:"):
+            fields = line.split()
+            if len(fields) >= 3 and fields[2].isdigit():
+                return int(fields[2])
+    return None
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _executable_problem(proc: AgentProcess) -> str | None:
+    """None when the running executable is <install>/embedded/bin/system-probe in its root."""
+    if proc.exe is None:
+        return "its executable cannot be read"
+    if not proc.exe.endswith(EXE_SUFFIX):
+        return f"its executable {one_line(proc.exe)} is not <install>{EXE_SUFFIX}"
+    try:
+        running = os.stat(proc.proc_dir / "exe")
+        on_disk = stat_in_root(proc.root, proc.exe)
+    except (OSError, ConfigReadError):
+        return f"its executable {one_line(proc.exe)} is gone from its file system"
+    if not _same_file(running, on_disk):
+        return f"its executable {one_line(proc.exe)} was replaced since it started"
+    return None
+
+
+def container_image(proc: AgentProcess, containers: NodeContainers | None = None) -> str | None:
+    """The image of the container the process runs in: the container id in its cgroup, then
+    that container's bundle (containerd or CRI-O, `kernel/containers.py`). None outside one."""
+    container = cgroup_container(proc.proc_dir.parent, proc.pid)
+    if container is None:
+        return None
+    containers = containers if containers is not None else read_containers()
+    bundle = containers.by_id.get(container)
+    return bundle.image if bundle is not None else None
+
+
+def _install_proof(
+    proc: AgentProcess, install_dir: str, containers: NodeContainers | None
+) -> str | None:
+    """One line naming what shows a Datadog install, or None."""
+    found = read_agent_version(proc.root, [install_dir])
+    if found is not None:
+        version, _ = found
+        return f"Datadog agent {version} installed in {one_line(install_dir)}"
+    image = container_image(proc, containers)
+    if image and is_agent_image(image):
+        return f"container image {one_line(image)}"
+    return None
+
+
+def verify_process(proc: AgentProcess, containers: NodeContainers | None = None) -> Verification:
+    """Datadog's own system-probe: the running executable is <install>/embedded/bin/system-probe
+    of a Datadog install (its version manifest in the process's root, or a Datadog agent image
+    for the container it runs in, from `containers`), it runs as root
+    (effective uid 0) and its config file can be read."""
+    problem = _executable_problem(proc)
+    if problem:
+        return Verification(proc, False, problem)
+    install_dir = (proc.exe or "").removesuffix(EXE_SUFFIX) or "/"
+    proof = _install_proof(proc, install_dir, containers)
+    if proof is None:
+        return Verification(
+            proc, False,
+            f"no Datadog install (version manifest) in {install_dir}, and no Datadog agent image",
+        )  # fmt: skip
+    uid = effective_uid(proc.proc_dir)
+    if uid != 0:
+        shown = "unknown" if uid is None else str(uid)
+        return Verification(proc, False, f"it runs as uid {shown}, not root")
+    base, path = process_config_path(proc)
+    label = label_of(str(resolve_plain(base, path)))
+    own = Log()
+    if load_config(base, path, label, own) is None:
+        why = (own.errors or own.notes or ["unknown"])[-1].removeprefix(f"{label}: ")
+        why = why.removesuffix("; skipped").removesuffix("; ignored")
+        return Verification(proc, False, f"its config file {label} cannot be used ({why})")
+    return Verification(
+        proc, True, f"{one_line(proc.exe or '')}, {proof}, uid 0, config {label}",
+        install_dir, label,
+    )  # fmt: skip

@@ -225,6 +225,16 @@ def read_small_file(path: Path, root: Path | None = None) -> str:
         raise ConfigReadError(f"is not valid UTF-8 (byte {exc.start})", "text") from None
 
 
+def stat_in_root(root: Path, path: str) -> os.stat_result:
+    """The stat of `path` (symbolic links followed) as the process whose root is `root` sees
+    it, never leaving `root`; OSError or ConfigReadError when it cannot be reached."""
+    fd = _open_path(Path(path), root)
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
 def resolve_plain(root: Path, path: str) -> Path:
     return root.joinpath(*(part for part in path.split("/") if part))
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tcprio.kernel.containers import Bundle, ContainerRoots, NodeContainers, read_containers
 from tcprio.model import NetNamespace
 
 CLONE_NEWNET = 0x40000000
@@ -118,6 +119,12 @@ def _hostname_from_environ(proc_dir: Path) -> str | None:
     return None
 
 
+def _cgroup_naming(identity: CgroupIdentity, pod_name: str | None) -> str | None:
+    if identity.pod_uid is None:
+        return None
+    return "cgroup pod UID, HOSTNAME" if pod_name else "cgroup pod UID"
+
+
 def _process_namespace(proc_dir: Path, nsfs: int | None = None) -> NetNamespace | None:
     pid = int(proc_dir.name)
     key = _namespace_key(proc_dir / "ns" / "net", nsfs)
@@ -141,6 +148,8 @@ def _process_namespace(proc_dir: Path, nsfs: int | None = None) -> NetNamespace 
         pid=pid,
         container=identity.container,
         pod=pod_name or identity.pod_uid,
+        pod_uid=identity.pod_uid,
+        named_by=_cgroup_naming(identity, pod_name),
     )
 
 
@@ -165,7 +174,9 @@ def _named_namespaces(dirs: Iterable[Path]) -> Iterator[NetNamespace]:
             key = _nsfs_key(path)
             if key is None or (nsfs is not None and key[0] != nsfs):
                 continue
-            yield NetNamespace(inode=key[1], dev=key[0], name=entry, path=str(path), source=source)
+            yield NetNamespace(
+                inode=key[1], dev=key[0], name=entry, path=str(path), source=source, netns=entry
+            )
 
 
 def unmounted_named_files(dirs: Iterable[Path]) -> list[Path]:
@@ -212,9 +223,19 @@ def _host_namespace(proc: Path, nsfs: int | None = None) -> NetNamespace | None:
 
 
 def discover_namespaces(
-    proc: Path = Path("/proc"), named_dirs: Iterable[Path] = NAMED_NETNS_DIRS
+    proc: Path = Path("/proc"),
+    named_dirs: Iterable[Path] = NAMED_NETNS_DIRS,
+    containers: NodeContainers | None = None,
+    roots: ContainerRoots | None = None,
 ) -> list[NetNamespace]:
-    """Every network namespace of the node: host first, then named ones, then the rest by pid."""
+    """Every network namespace of the node: host first, then named ones, then the rest by pid;
+    a pod's named by its pod (`containers`: the runtimes' bundles, read from `roots` when
+    not given)."""
+    containers = containers if containers is not None else read_containers(roots)
+    return name_pods(_discover(proc, named_dirs), containers, proc)
+
+
+def _discover(proc: Path, named_dirs: Iterable[Path]) -> list[NetNamespace]:
     found: dict[tuple[int, int], NetNamespace] = {}
     nsfs = nsfs_device()
     host = _host_namespace(proc, nsfs)
@@ -235,6 +256,112 @@ def discover_namespaces(
         if ns is not None:
             found[ns.key] = ns
     return list(found.values())
+
+
+# --- pods ------------------------------------------------------------------------------------
+#
+# containerd and CRI-O pin each pod's network namespace on a file (/var/run/netns/cni-<uuid>)
+# that the pod sandbox's OCI spec names. A namespace is a pod's when that file is the namespace
+# (same device and inode), or else when a process inside it belongs to a container of the pod
+# (its cgroup holds the container id or the pod UID).
+
+
+def _canonical(path: str) -> str:
+    path = os.path.normpath(path)
+    return "/run/" + path.removeprefix("/var/run/") if path.startswith("/var/run/") else path
+
+
+def _sandboxes_by_netns(containers: NodeContainers) -> dict[object, Bundle]:
+    """(dev, inode) and canonical path of each sandbox's pinned namespace -> the sandbox."""
+    found: dict[object, Bundle] = {}
+    for sandbox in containers.sandboxes:
+        path = sandbox.netns_path
+        if not path or not path.startswith("/") or path.startswith("/proc/"):
+            continue  # none, or a process's (/proc/self/ns/net would be tcprio's own)
+        found.setdefault(_canonical(path), sandbox)
+        key = _nsfs_key(path)
+        if key is not None:
+            found.setdefault(key, sandbox)
+    return found
+
+
+def _pod_of_identity(identity: CgroupIdentity, containers: NodeContainers) -> Bundle | None:
+    bundle = containers.by_id.get(identity.container or "")
+    if bundle is not None:
+        sandbox = containers.sandbox_of(bundle)
+        return sandbox if sandbox is not None else bundle if bundle.pod_name else None
+    return containers.sandbox_by_uid.get(identity.pod_uid or "")
+
+
+def _as_pod(ns: NetNamespace, bundle: Bundle, how: str) -> NetNamespace:
+    return replace(
+        ns,
+        name=f"pod:{bundle.pod}",
+        pod=bundle.pod_name,
+        pod_namespace=bundle.pod_namespace,
+        pod_uid=bundle.pod_uid or ns.pod_uid,
+        named_by=f"{bundle.label}: {how}",
+    )
+
+
+def _identity_inside(ns: NetNamespace, proc: Path) -> CgroupIdentity | None:
+    """The container and pod of a process in `ns` (for a named one: the one found in it)."""
+    if ns.source == "process":
+        return CgroupIdentity(ns.container, ns.pod_uid)
+    if ns.pid is not None and ns.source not in ("host", "self"):
+        return parse_cgroup(_read_text(proc / str(ns.pid) / "cgroup"))
+    return None
+
+
+def _named_pod(
+    ns: NetNamespace, containers: NodeContainers, by_netns: dict, proc: Path
+) -> NetNamespace:
+    if ns.source in ("host", "self"):  # a hostNetwork pod shares it: it stays the host's
+        return ns
+    sandbox = by_netns.get(ns.key) or by_netns.get(_canonical(ns.path))
+    if sandbox is not None and sandbox.pod_name:
+        return _as_pod(ns, sandbox, "the pod sandbox's network namespace")
+    identity = _identity_inside(ns, proc)
+    if identity is None:
+        return ns
+    ns = replace(ns, container=ns.container or identity.container)
+    bundle = _pod_of_identity(identity, containers)
+    if bundle is not None and bundle.pod_name:
+        return _as_pod(ns, bundle, "the cgroup of a process inside")
+    if ns.source == "process" or not identity.pod_uid:
+        return ns  # a process's namespace is named from its cgroup and HOSTNAME already
+    pod_name = _hostname_from_environ(proc / str(ns.pid))
+    return replace(
+        ns,
+        name=f"pod:{pod_name or identity.pod_uid}",
+        pod=pod_name or identity.pod_uid,
+        pod_uid=identity.pod_uid,
+        named_by=_cgroup_naming(identity, pod_name),
+    )
+
+
+def _unique_names(namespaces: list[NetNamespace]) -> list[NetNamespace]:
+    """Names are the report's keys: two pods' namespaces with one name (a pod being recreated,
+    two pods with one HOSTNAME) each get their pinned file's name or their inode appended."""
+    counts: dict[str, int] = {}
+    for ns in namespaces:
+        counts[ns.name] = counts.get(ns.name, 0) + 1
+    return [
+        replace(ns, name=f"{ns.name} ({ns.netns or f'inode {ns.inode}'})")
+        if counts[ns.name] > 1 and ns.source not in ("host", "self")
+        else ns
+        for ns in namespaces
+    ]
+
+
+def name_pods(
+    namespaces: list[NetNamespace], containers: NodeContainers, proc: Path = Path("/proc")
+) -> list[NetNamespace]:
+    """`namespaces` with each pod's named `pod:<kubernetes namespace>/<pod name>` (the raw
+    pinned name stays in `netns`), each name unique."""
+    by_netns = _sandboxes_by_netns(containers)
+    namespaces = [_named_pod(ns, containers, by_netns, proc) for ns in namespaces]
+    return _unique_names(namespaces)
 
 
 def _setns(fd: int) -> None:

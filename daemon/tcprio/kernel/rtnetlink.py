@@ -50,6 +50,8 @@ TCA_MIRRED_PARMS, TCA_GACT_PARMS, TCA_GACT_PROB = 2, 2, 3
 TCA_EGRESS_REDIR, TCA_INGRESS_REDIR = 1, 3  # struct tc_mirred.eaction
 TC_ACT_SHOT = 2
 NLM_F_ACK = 0x4
+RTM_NEWNSID, RTM_GETNSID = 88, 90
+NETNSA_NSID, NETNSA_FD = 1, 3  # include/uapi/linux/net_namespace.h
 
 # Per classifier kind: (attribute holding the class id, attribute holding the actions), from
 # the kernel's include/uapi/linux/pkt_cls.h.
@@ -74,7 +76,7 @@ _MIRRED_EACTION = struct.Struct("=i")  # after the tc_gen head of struct tc_mirr
 _GACT_PROB = struct.Struct("=HHi")  # struct tc_gact_p: ptype, pval, paction
 _LINK_ATTRS = frozenset({IFLA_IFNAME, IFLA_LINKINFO, IFLA_XDP})
 _PAIR_ATTRS = frozenset({IFLA_LINK, IFLA_LINK_NETNSID})
-PAIRED_KINDS = frozenset({"netkit"})  # links whose other end and kind data tcprio reads
+PAIRED_KINDS = frozenset({"netkit", "veth"})  # links whose other end and kind data tcprio reads
 _QDISC_ATTRS = frozenset({TCA_KIND, TCA_INGRESS_BLOCK, TCA_EGRESS_BLOCK})
 _FILTER_ATTRS = frozenset({TCA_KIND, TCA_OPTIONS, TCA_CHAIN})
 RECV_BUFFER = 1 << 16
@@ -353,6 +355,19 @@ class RtnlSocket:
                 return None
             raise
         return root
+
+    def nsid_of(self, fd: int) -> int | None:
+        """The id this socket's namespace gives the namespace `fd` opens (what its links'
+        IFLA_LINK_NETNSID say), None when it gave it none. RTM_GETNSID never assigns one."""
+        body = struct.pack("=Bxxx", socket.AF_UNSPEC) + _NLATTR.pack(8, NETNSA_FD) + _U32.pack(fd)
+        seq = self._send(RTM_GETNSID, body, NLM_F_ACK)
+        nsid = None
+        for msg_type, _flags, reply in self._replies(seq):  # the id, then the ack
+            if msg_type == RTM_NEWNSID and len(reply) >= 4:
+                value = parse_attrs(reply, 4).get(NETNSA_NSID)
+                if value is not None and len(value) >= 4:
+                    nsid = struct.unpack_from("=i", value)[0]
+        return nsid if nsid is not None and nsid >= 0 else None
 
     def filters(self, ifindex: int, parent: int) -> list[FilterMessage]:
         """The filters of one hook, in the kernel's dump order (every chain)."""

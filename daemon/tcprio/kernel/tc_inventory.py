@@ -8,11 +8,12 @@ tcx and netkit through `bpf_syscalls`. Everything here is read-only.
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
 from tcprio.kernel import bpf_syscalls, netkit, rtnetlink
-from tcprio.kernel.namespaces import NamespaceGone, entered
+from tcprio.kernel.namespaces import NamespaceGone, entered, open_namespace
 from tcprio.kernel.rtnetlink import FilterMessage, NetlinkError, RtnlSocket
 from tcprio.model import (
     Direction,
@@ -190,6 +191,15 @@ def _read_hook(
     )
 
 
+def _with_peer(interface: Interface, link: rtnetlink.Link) -> Interface:
+    """A veth with its other end (a pod's, seen from the host)."""
+    if link.kind != "veth":
+        return interface
+    return replace(
+        interface, peer_ifindex=link.peer_ifindex or None, peer_netnsid=link.peer_netnsid
+    )
+
+
 def read_current_namespace(ns: NetNamespace) -> NamespaceInventory:
     """The tc inventory of the namespace the calling thread is in (labelled as `ns`)."""
     with RtnlSocket() as rtnl:
@@ -204,9 +214,10 @@ def read_current_namespace(ns: NetNamespace) -> NamespaceInventory:
             )
             device = netkit.read_device(link) if link.kind == "netkit" else None
             xdp = tuple(XdpProgram(prog_id, mode, n) for n, (mode, prog_id) in enumerate(link.xdp))
-            interfaces.append(
-                Interface(link.ifindex, link.name, hooks, kind=link.kind, netkit=device, xdp=xdp)
+            interface = Interface(
+                link.ifindex, link.name, hooks, kind=link.kind, netkit=device, xdp=xdp
             )
+            interfaces.append(_with_peer(interface, link))
     return NamespaceInventory(namespace=ns, interfaces=tuple(interfaces))
 
 
@@ -221,6 +232,35 @@ def read_namespace(ns: NetNamespace) -> NamespaceInventory | None:
         if isinstance(exc, NetlinkError) and exc.errno in (errno.ENODEV, errno.ENOENT):
             return None
         return NamespaceInventory(namespace=ns, interfaces=(), error=f"{type(exc).__name__}: {exc}")
+
+
+def peer_namespaces(home: NetNamespace, others: Iterable[NetNamespace]) -> dict[int, NetNamespace]:
+    """netnsid -> namespace, as `home` numbers the namespaces (its veths' IFLA_LINK_NETNSID):
+    each of `others` is asked by fd (RTM_GETNSID, which assigns nothing). Namespaces gone
+    meanwhile, or without an id in `home`, are left out."""
+    found: dict[int, NetNamespace] = {}
+    try:
+        with entered(home), RtnlSocket() as rtnl:
+            for ns in others:
+                nsid = _nsid(rtnl, ns)
+                if nsid is not None:
+                    found.setdefault(nsid, ns)
+    except (NamespaceGone, OSError):
+        return found
+    return found
+
+
+def _nsid(rtnl: RtnlSocket, ns: NetNamespace) -> int | None:
+    try:
+        fd = open_namespace(ns)
+    except (NamespaceGone, OSError):
+        return None
+    try:
+        return rtnl.nsid_of(fd)
+    except NetlinkError:
+        return None
+    finally:
+        os.close(fd)
 
 
 Targets = Mapping[int, set[Direction]]  # ifindex -> the hooks to read again

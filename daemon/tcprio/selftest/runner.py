@@ -629,6 +629,7 @@ def _scan_scene(scene: Scene, settings: DatadogSettings) -> Scan:
     return run_scan(
         discover=lambda: [ns for ns in discover_namespaces() if ns.name in names],
         settings=settings,
+        assume_datadog=True,  # its own scene: Datadog's classifier is part of it
     )
 
 

@@ -69,6 +69,8 @@ class DaemonConfig:
     debounce: float = 0.05
     datadog_files: tuple[Path, ...] = tuple(Path(p) for p in DEFAULT_DATADOG_FILES)
     scan_datadog_processes: bool = True
+    # Treat Datadog's network detection as active even where nothing shows it (`--assume-datadog`)
+    assume_datadog: bool = False
     include_namespaces: tuple[str, ...] = ("*",)
     exclude_namespaces: tuple[str, ...] = ()
     observers: tuple[Observer, ...] = ()
@@ -247,14 +249,15 @@ def _basic_auth(c: _Checker, data: Mapping) -> BasicAuth | None:
     return BasicAuth(username, password)
 
 
-def _datadog(c: _Checker, data: Mapping) -> tuple[tuple[Path, ...], bool]:
+def _datadog(c: _Checker, data: Mapping) -> tuple[tuple[Path, ...], bool, bool]:
     section = c.mapping(data, "datadog") or {}
-    c.unknown_keys(section, {"config_files", "scan_processes"}, "datadog.")
+    c.unknown_keys(section, {"config_files", "scan_processes", "assume_active"}, "datadog.")
     files = c.string_list(section, "config_files", DEFAULT_DATADOG_FILES)
     if any("\0" in f for f in files):
         c.problem("datadog.config_files", list(files), "a list of paths without NUL bytes")
         files = DEFAULT_DATADOG_FILES
-    return tuple(Path(f) for f in files), c.boolean(section, "scan_processes", True)
+    scan = c.boolean(section, "scan_processes", True)
+    return tuple(Path(f) for f in files), scan, c.boolean(section, "assume_active", False)
 
 
 def _namespaces(c: _Checker, data: Mapping) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -282,7 +285,7 @@ def config_from_mapping(data: Mapping[str, Any], origin: str) -> DaemonConfig:
     c = _Checker(origin)
     c.unknown_keys(data, TOP_LEVEL_KEYS)
     host, port = _listen(c, data)
-    datadog_files, scan_processes = _datadog(c, data)
+    datadog_files, scan_processes, assume_datadog = _datadog(c, data)
     include, exclude = _namespaces(c, data)
     config = DaemonConfig(
         listen_host=host,
@@ -293,6 +296,7 @@ def config_from_mapping(data: Mapping[str, Any], origin: str) -> DaemonConfig:
         debounce=c.number(data, "debounce_seconds", 0.05, 0, 10),
         datadog_files=datadog_files,
         scan_datadog_processes=scan_processes,
+        assume_datadog=assume_datadog,
         include_namespaces=include,
         exclude_namespaces=exclude,
         observers=_observers(c, data),

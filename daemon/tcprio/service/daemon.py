@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fnmatch
 import gc
 import json
 import math
@@ -27,7 +26,7 @@ from pathlib import Path
 from tcprio.analysis import vendors
 from tcprio.analysis.churn import diff_inventories
 from tcprio.analysis.semantics import action_name
-from tcprio.analysis.starvation import starved_hooks
+from tcprio.analysis.starvation import starvations
 from tcprio.datadog import resolve_settings
 from tcprio.kernel import bpf_syscalls
 from tcprio.kernel.namespaces import (
@@ -40,9 +39,11 @@ from tcprio.kernel.tc_inventory import read_namespace, refresh_hooks
 from tcprio.model import (
     DatadogSettings,
     Direction,
+    HookKey,
     NamespaceInventory,
     NetNamespace,
     RunStats,
+    ScanResult,
     TcFilter,
 )
 from tcprio.scan import ProgramCache, analyse_node, attached_program_ids, inventory_errors
@@ -50,6 +51,7 @@ from tcprio.service import sd_notify
 from tcprio.service.background import BackgroundAnalysis, Finished
 from tcprio.service.config import ConfigError, DaemonConfig, load_config, with_overrides
 from tcprio.service.endpoint import Endpoint
+from tcprio.service.hook_history import HookHistory, Removals, removals
 from tcprio.service.linkless_tcx import LinklessTcxWatch
 from tcprio.service.metrics import MetricsRenderer
 from tcprio.service.prog_arrays import ProgArrayWatch
@@ -61,6 +63,12 @@ NsKey = tuple[int, int]
 STALL_AFTER_S = 30.0
 SETTLE_STEPS_S = (0.05, 0.2, 1.0)  # extra sweeps after a netns folder event
 SETTLE_WINDOW_S = 5.0  # for at most this long after the folder changed
+
+
+# How long Datadog counts as active after its classifiers were last seen attached, when
+# nothing else (a verified agent, the files) shows it: long enough to page on a CNI that
+# deleted them, short enough that an uninstalled agent stops the alerts within the hour.
+REMEMBER_DATADOG_S = 3600.0
 
 
 def release_memory() -> None:
@@ -128,8 +136,8 @@ class Watched:
 
 def selected(namespaces: Iterable[NetNamespace], config: DaemonConfig) -> list[NetNamespace]:
     def wanted(ns: NetNamespace) -> bool:
-        included = any(fnmatch.fnmatchcase(ns.name, p) for p in config.include_namespaces)
-        excluded = any(fnmatch.fnmatchcase(ns.name, p) for p in config.exclude_namespaces)
+        included = any(ns.matches(p) for p in config.include_namespaces)
+        excluded = any(ns.matches(p) for p in config.exclude_namespaces)
         return included and not excluded
 
     return [ns for ns in namespaces if wanted(ns)]
@@ -150,6 +158,7 @@ class Daemon(TcxLinks):
         self.cache = ProgramCache()
         self.counters = Counters()
         self.datadog: DatadogSettings | None = None
+        self.datadog_seen_at: float | None = None  # when Datadog's classifiers were last attached
         self.snapshot = Snapshot.empty(self.kernel)
         self.dirty: set[NsKey] = set()
         self.full_reads: set[NsKey] = set()  # dirty namespaces to read whole, not hook by hook
@@ -167,6 +176,8 @@ class Daemon(TcxLinks):
         self.xdp_rechecks: dict[int, tuple[int, int, bool, float]] = {}
         self.xdp_unlinked: set[tuple[NsKey, int, int]] = set()  # XDP programs without a link
         self.run_history: list[tuple[float, dict[int, RunStats]]] = []
+        self.starved: frozenset[HookKey] = frozenset()  # as last logged
+        self.history = HookHistory()  # dated tcx attaches and qdisc deletions, per hook
         self.prog_arrays = ProgArrayWatch()
         self.linkless_tcx = LinklessTcxWatch()
         self.probe = ProbeState(False, "none", "live probe not started")
@@ -463,8 +474,22 @@ class Daemon(TcxLinks):
         for key, ns in current.items():
             if key not in self.watched:
                 self._watch(ns)
-            elif self.watched[key].exit_watch is None and ns.pid is not None:
+                continue
+            if self.watched[key].namespace.name != ns.name:
+                self._rename(key, ns)
+            if self.watched[key].exit_watch is None and ns.pid is not None:
                 self._rewatch_exit(key, ns)
+
+    def _rename(self, key: NsKey, ns: NetNamespace) -> None:
+        """A pod's namespace can be pinned before its runtime writes the sandbox's config.json:
+        it is named `cni-...` first and by its pod later. Re-read it under the new name."""
+        watched = self.watched[key]
+        old = watched.namespace.name
+        watched.namespace = ns
+        self.counters.forget(old)
+        self.full_reads.add(key)
+        self._mark_dirty(key)
+        self.log("info", "namespace renamed", namespace=ns.name, previous=old)
 
     def _rewatch_exit(self, key: NsKey, ns: NetNamespace) -> None:
         watched = self.watched[key]
@@ -522,8 +547,11 @@ class Daemon(TcxLinks):
             return
         if inventory.error:
             self.counters.scan_errors["enumerate"] += 1
+        removed = self._note_history(watched, old, inventory)
         self._count_events(watched, inventory, old)
         for change in diff_inventories(old, inventory, self._is_datadog) if old else ():
+            if change.kind == "datadog-disappeared":
+                change = self.history.explain(change, removed, self._program_name, time.time())
             if change.kind in ("replace", "datadog-disappeared"):
                 self.counters.count_change(change)
                 self.log("warning" if change.kind != "replace" else "info", change.kind,
@@ -531,6 +559,28 @@ class Daemon(TcxLinks):
         self._forget_vanished_interfaces(watched.namespace.name, old, inventory)
         self._start_disappearance_counters(watched.namespace.name, inventory)
         self.inventories[key] = inventory
+
+    def _note_history(
+        self, watched: Watched, old: NamespaceInventory | None, new: NamespaceInventory
+    ) -> Removals:
+        """Date what this reading shows (filter and qdisc deletions, new tcx programs)."""
+        names = {i.ifindex: i.name for inv in (old, new) if inv for i in inv.interfaces}
+        name = watched.namespace.name
+        removed = removals(name, names, watched.pending)
+        now = time.time()
+        self.history.note_reading(name, old, new, removed, self._program_name, now)
+        for change in self.history.late_causes(now):
+            self.log("warning", change.kind, **change.as_log())
+        return removed
+
+    def _program_name(self, prog_id: int) -> str | None:
+        program = self.cache.infos.get(prog_id)
+        if program is None:
+            try:
+                program = bpf_syscalls.prog_info(prog_id, with_insns=False)
+            except OSError:
+                return None
+        return program.full_name or program.name
 
     def _start_disappearance_counters(self, namespace: str, inventory: NamespaceInventory) -> None:
         """A hook with a Datadog classifier gets its counter at 0, so increase() sees a 1."""
@@ -595,7 +645,8 @@ class Daemon(TcxLinks):
                 return  # published when the analysis thread is done
             node = analyse_node(
                 inventories, self.datadog, self.cache, observers=self.config.observer_rules,
-                catalogue=catalogue,
+                catalogue=catalogue, assume_datadog=self.config.assume_datadog,
+                datadog_seen_before=self._datadog_seen_before(),
             )  # fmt: skip
         except Exception as exc:  # keep serving the last good state
             self.counters.scan_errors["analyse"] += 1
@@ -605,9 +656,25 @@ class Daemon(TcxLinks):
         for error in inventory_errors(inventories):
             self.log("warning", "namespace read error", detail=error)
         self.counters.scans[kind] += 1
+        if any(c.is_datadog for hook in node.result.hooks for c in hook.classifiers):
+            self.datadog_seen_at = time.time()
         self._publish(node, time.monotonic() - started)
         if kind == "full":
             release_memory()
+
+    def _datadog_seen_before(self) -> str | None:
+        """Datadog's classifiers were attached a short while ago: it still counts as active
+        (a CNI moving to tcx deletes them while the agent runs; see decide_presence)."""
+        if self.datadog_seen_at is None:
+            return None
+        ago = time.time() - self.datadog_seen_at
+        if ago > REMEMBER_DATADOG_S:
+            return None
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.datadog_seen_at))
+        return (
+            f"Datadog's classifiers were last seen attached at {when} ({ago:.0f} s ago, by this "
+            "daemon); none is attached now"
+        )
 
     def _publish(self, node, seconds: float) -> None:
         prev = self.snapshot
@@ -623,7 +690,7 @@ class Daemon(TcxLinks):
             interfaces=sum(len(i.interfaces) for i in self.inventories.values()),
             counters=self.counters.frozen(),
             run_stats=prev.run_stats,
-            starved=starved_hooks(node.result, self.run_history),
+            starved=self._starved(node.result),
             probe=self.probe,
             config_ok=self.config_ok,
             kernel=self.kernel,
@@ -644,6 +711,7 @@ class Daemon(TcxLinks):
                      went=sorted(self.link_ids - links), tcx=[c[0] for c in changed])  # fmt: skip
             other_links = bool((links ^ self.link_ids) - {c[0] for c in changed})
             self.link_ids = links
+            self.history.links_listed(links, time.time())
         if changed:
             self._mark_tcx_hooks(changed)
         self._mark_tcx_shown_but_gone(links)
@@ -674,10 +742,23 @@ class Daemon(TcxLinks):
             **{
                 **prev.__dict__,
                 "run_stats": stats,
-                "starved": starved_hooks(prev.result, self.run_history),
+                "starved": self._starved(prev.result),
                 "live_verdicts": self._live_verdicts(),
             }
         )
+
+    def _starved(self, result: ScanResult) -> frozenset[HookKey]:
+        """The starved hooks; a hook that becomes starved is logged with the classifiers
+        before Datadog's that ran (whatever their verdict class), one that recovers too."""
+        found = {s.hook: s for s in starvations(result, self.run_history)}
+        for hook in sorted(found.keys() - self.starved):
+            self.log("warning", "datadog-starved", **found[hook].as_log())
+        present = {(h.namespace, h.interface, str(h.direction)) for h in result.hooks}
+        for namespace, interface, direction in sorted((self.starved - found.keys()) & present):
+            self.log("info", "datadog-starvation-ended", event="datadog-starvation-ended",
+                     namespace=namespace, interface=interface, direction=direction)  # fmt: skip
+        self.starved = frozenset(found)
+        return self.starved
 
     # --- configuration -----------------------------------------------------------------------
 

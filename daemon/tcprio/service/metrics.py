@@ -20,7 +20,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from tcprio import __version__
-from tcprio.model import Classifier, HookReport, Setting, Severity
+from tcprio.model import Classifier, HookReport, PresenceState, Setting, Severity
 from tcprio.service.snapshot import Snapshot
 
 PREFIX = "tcprio"
@@ -135,10 +135,25 @@ def _setting_gauge(name: str, doc: str, setting: Setting | None) -> Iterator[Met
     yield gauge
 
 
+def _presence_gauge(snap: Snapshot) -> Iterator[Metric]:
+    gauge = GaugeMetricFamily(
+        f"{PREFIX}_datadog_network_detection",
+        "Whether Datadog's network detection runs on the node: 1 for its state (active, "
+        "assumed, disabled, configured, absent), 0 for the others; conflicts keep their "
+        "severity only when active or assumed",
+        labels=["state"],
+    )
+    current = snap.result.datadog_presence.state
+    for state in PresenceState:
+        gauge.add_metric([str(state)], int(state is current))
+    yield gauge
+
+
 def datadog_metrics(snap: Snapshot) -> Iterator[Metric]:
     dd = snap.datadog
     if dd is None:
         return
+    yield from _presence_gauge(snap)
     yield from _setting_gauge(
         "network_enabled", "Workload Protection network detection (1 enabled)", dd.enabled
     )

@@ -9,10 +9,12 @@ a process living in them, with the periodic /proc sweep as a backstop.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,7 @@ class TcEvent:
     priority: int = 0
     handle: int = 0
     replace: bool = False
+    at: float = 0.0  # wall clock when the daemon read it (0: not stamped)
 
 
 def _tc_event(kind: str, flags: int, body: bytes) -> TcEvent:
@@ -132,7 +135,8 @@ class NamespaceWatch:
                     events.append(TcEvent("overrun"))
                     continue
                 raise
-            events.extend(parse_events(data))
+            now = time.time()  # the event's time as tcprio knows it: within the loop's latency
+            events.extend(dataclasses.replace(e, at=now) for e in parse_events(data))
 
     def close(self) -> None:
         self._sock.close()
