@@ -17,7 +17,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from tcprio.cli import _matches
 from tcprio.kernel.containers import (
     SANDBOX,
     ContainerRoots,
@@ -591,4 +590,4 @@ def test_netns_option_matches_the_pod_name_or_the_raw_name() -> None:
     ns = NetNamespace(
         inode=1, dev=1, name="pod:a/web", path="/run/netns/cni-1", source="named", netns="cni-1"
     )
-    assert _matches(ns, "pod:a/*") and _matches(ns, "cni-*") and not _matches(ns, "pod:b/*")
+    assert ns.matches("pod:a/*") and ns.matches("cni-*") and not ns.matches("pod:b/*")

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tcprio.model import Direction
 from tests.bpf_programs import ClassifierPrograms, attach_filter, tcx_attached
 from tests.kernel import TestNetns, add_clsact, netns, veth, veth_in_one
+from tests.test_containers import Scene, in_container_cgroup, process_named
 from tests.test_run_counters import send_udp
 from tests.timing import HANG_GUARD_S, POLL_S, wait_until
 
@@ -103,13 +105,14 @@ def find(samples: Samples, name: str, **labels: str) -> list[float]:
 
 
 def write_config(
-    path: Path, port: int, live_probe: str = "false", log_level: str = "info", resync: int = 30
-):
+    path: Path, port: int, live_probe: str = "false", log_level: str = "info", resync: int = 30,
+    extra: str = "",
+):  # fmt: skip
     # only this test process's namespaces: another run on the machine must not leak in
     text = CONFIG.format(
         port=port, live_probe=live_probe, log_level=log_level, pid=os.getpid(), resync=resync
     )
-    path.write_text(text)
+    path.write_text(text + extra)
 
 
 @contextlib.contextmanager
@@ -119,12 +122,13 @@ def daemon(
     while_waiting: Callable[[RunningDaemon], None] | None = None,
     env: dict[str, str] | None = None,
     ready_guard_s: float = HANG_GUARD_S,
+    extra_config: str = "",
 ) -> Iterator[RunningDaemon]:
     """A daemon on this test's namespaces, once ready; `while_waiting` runs at each check
-    until then; `env` is added to its environment."""
+    until then; `env` is added to its environment; `extra_config` to its configuration."""
     port = free_port()
     config = tmp_path / "tcprio.yaml"
-    write_config(config, port, resync=resync)
+    write_config(config, port, resync=resync, extra=extra_config)
     stderr = tmp_path / "daemon.log"
     with open(stderr, "w") as err:
         proc = subprocess.Popen(
@@ -393,3 +397,46 @@ def test_a_prog_array_slot_filled_later_is_seen_without_a_resync(tmp_path: Path)
             )
     full = [find(s, "tcprio_scans_total", kind="full") for s in (before, after)]
     assert full[0] == full[1], full
+
+
+def test_a_pod_is_named_once_its_sandbox_shows_and_versions_are_exported(
+    tmp_path: Path, classifier_programs
+):
+    """containerd pins a pod's namespace before it writes the sandbox's config.json: the daemon
+    first shows the raw `cni-...`-like name, then the pod's, without a resync; a cilium-agent
+    process in a container of the image quay.io/cilium/cilium:v1.16.3 gives Cilium's version."""
+    scene = Scene(tmp_path / "state")
+    extra = (
+        f"containers:\n  containerd_bundle_dirs: [{scene.roots.containerd}]\n"
+        f"  crio_bundle_dirs: [{scene.roots.crio}]\n"
+    )
+    pod = f"web-{os.getpid()}"
+    with daemon(tmp_path, extra_config=extra) as running, netns("d-pod") as ns:
+        veth_in_one(ns, "e0", "e1")
+        add_clsact(ns, "e0")
+        attach_filter(ns, "e0", E, 1, "term_ok")
+        running.wait_for(
+            "the raw name", lambda s: find(s, "tcprio_classifier_info", namespace=ns.name)
+        )
+        uid = str(uuid.uuid4())
+        sandbox = scene.containerd_sandbox("shop", pod, uid, f"/run/netns/{ns.name}")
+        running.wait_for(
+            "the pod's name only",
+            lambda s: (
+                find(s, "tcprio_classifier_info", namespace=f"pod:shop/{pod}")
+                and not find(s, "tcprio_classifier_info", namespace=ns.name)
+            ),
+        )
+        assert '"msg": "namespace renamed"' in running.log()
+        container = scene.containerd_container(
+            sandbox, "shop", pod, uid, "cilium-agent", "quay.io/cilium/cilium:v1.16.3"
+        )
+        with process_named("cilium-agent", tmp_path) as pid, in_container_cgroup(pid, container):
+            samples = running.wait_for(
+                "Cilium's version",
+                lambda s: find(s, "tcprio_vendor_version_info", vendor="Cilium", version="1.16.3"),
+            )
+    (source,) = [dict(ls)["source"] for (n, ls) in samples if n == "tcprio_vendor_version_info"]
+    assert source == (
+        f"container image quay.io/cilium/cilium:v1.16.3 (containerd bundle {container[:12]})"
+    )

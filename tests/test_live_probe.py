@@ -29,13 +29,16 @@ from tcprio.service.live_probe import (
     FEXIT_PROG,
     TRIVIAL_PROGRAM,
     LiveProbe,
+    ProbeMisses,
     ProbeMode,
     ProbeTarget,
     VerdictKey,
+    classify_func,
     compile_probe,
     kernel_layout,
     kprobe_problem,
     load_fexit,
+    load_fexit_classify,
     load_kprobe_programs,
     main_func_btf_id,
     off_reason,
@@ -45,7 +48,7 @@ from tcprio.service.live_probe import (
 )
 from tests.bpf_programs import ClassifierPrograms, attach_filter
 from tests.kernel import TestNetns, add_clsact, netns, veth
-from tests.test_run_counters import RECEIVER_IP, SENDER_IP, send_udp
+from tests.test_run_counters import RECEIVER_IP, SENDER_IP, run_count, send_udp
 from tests.timing import HANG_GUARD_S
 
 PACKETS = 50
@@ -100,7 +103,6 @@ def netns_inode(ns: TestNetns) -> int:
 
 def test_layout_comes_from_this_kernels_btf():
     layout = kernel_layout()
-    assert layout.classify_btf_id > 0
     assert layout.tc_at_ingress_mask in {1, 2, 4, 8, 16, 32, 64, 128}
     offsets = [layout.skb_dev, layout.dev_ifindex, layout.dev_net, layout.net_inum]
     assert all(offset > 0 for offset in offsets)
@@ -115,10 +117,10 @@ def test_kprobe_programs_pass_the_verifier(probe_bpf):
         assert info.name.startswith("verdict_k")
 
 
-def _trivial_fexit_refusal(attach_btf_id: int, attach_prog_fd: int = 0) -> BpfError | None:
+def _trivial_fexit_refusal(load: Callable[[bytes, str], int]) -> BpfError | None:
     """Whether the kernel loads a do-nothing fexit program at that target at all."""
     try:
-        fd = load_fexit(TRIVIAL_PROGRAM, "tcprio_fx_test", attach_btf_id, attach_prog_fd)
+        fd = load(TRIVIAL_PROGRAM, "tcprio_fx_test")
     except BpfError as exc:
         return exc
     os.close(fd)
@@ -136,10 +138,12 @@ def _assert_loads_wherever_fexit_loads(load: Callable[[], int], refusal: BpfErro
 
 
 def test_fexit_on_classify_passes_the_verifier_wherever_fexit_loads(probe_bpf):
-    btf_id = kernel_layout().classify_btf_id
+    func = classify_func()
     code = probe_bpf.dump_func(FEXIT_CLASSIFY.encode())
-    refusal = _trivial_fexit_refusal(btf_id)
-    _assert_loads_wherever_fexit_loads(lambda: load_fexit(code, "verdict_fexit_c", btf_id), refusal)
+    refusal = _trivial_fexit_refusal(lambda insns, name: load_fexit_classify(insns, name, func))
+    _assert_loads_wherever_fexit_loads(
+        lambda: load_fexit_classify(code, "verdict_fexit_c", func), refusal
+    )
 
 
 def test_fexit_on_a_program_passes_the_verifier_wherever_fexit_loads(
@@ -150,7 +154,7 @@ def test_fexit_on_a_program_passes_the_verifier_wherever_fexit_loads(
     code = with_target_id(
         probe_bpf.dump_func(FEXIT_PROG.encode()), classifier_programs.prog_id("term_ok")
     )
-    refusal = _trivial_fexit_refusal(btf_id, target_fd)
+    refusal = _trivial_fexit_refusal(lambda insns, name: load_fexit(insns, name, btf_id, target_fd))
     _assert_loads_wherever_fexit_loads(
         lambda: load_fexit(code, "verdict_p", btf_id, target_fd), refusal
     )
@@ -158,7 +162,8 @@ def test_fexit_on_a_program_passes_the_verifier_wherever_fexit_loads(
 
 def test_on_this_kernel_fexit_is_refused_before_the_verifier_runs():
     """What the development VM says (documents the EPERM of the platform notes)."""
-    refusal = _trivial_fexit_refusal(kernel_layout().classify_btf_id)
+    func = classify_func()
+    refusal = _trivial_fexit_refusal(lambda insns, name: load_fexit_classify(insns, name, func))
     if refusal is None:
         pytest.skip("this kernel loads fexit programs")
     assert refusal.errno == errno.EPERM
@@ -340,15 +345,20 @@ def _retvals_by_priority(
     return found
 
 
+ATTACH_MODES = (ProbeMode.FEXIT, ProbeMode.KRETPROBE, ProbeMode.FEXIT_PROG)
+
+
+@pytest.mark.parametrize("mode", ATTACH_MODES, ids=str)
 @pytest.mark.parametrize("scenario_name", sorted(SCENARIOS))
 def test_probe_counts_the_return_codes_of_real_traffic(
-    pair, classifier_programs: ClassifierPrograms, scenario_name: str
+    pair, classifier_programs: ClassifierPrograms, scenario_name: str, mode: ProbeMode
 ):
     tx, rx = pair
     scenario = SCENARIOS[scenario_name]
     for prio, (name, _, _) in scenario.items():
         attach_filter(tx, "a0", Direction.EGRESS, prio, name)
-    with LiveProbe(targets=_targets(scenario, classifier_programs, tx)) as probe:
+    targets = _targets(scenario, classifier_programs, tx)
+    with LiveProbe(targets=targets, modes=(mode,)) as probe:
         status = probe.start()
         if not status.available:
             pytest.skip(status.reason)
@@ -364,6 +374,106 @@ def test_probe_counts_the_return_codes_of_real_traffic(
             continue
         assert set(found[prio]) == {expected}, f"{name} at priority {prio}: {found[prio]}"
         assert found[prio][expected] >= PACKETS
+
+
+# One program per hook (run counters are per program): (side, interface, direction, priority,
+# program, what cls_bpf_classify returns for it, what the program itself returns), on IPv4 and
+# ARP alike. Every filter runs on every packet: only the last one ends its chain.
+EQUALITY_SCENE = (
+    ("tx", "a0", Direction.EGRESS, 1, "pass_42", -1, 42),
+    ("tx", "a0", Direction.EGRESS, 5, "by_packet", -1, -1),
+    ("tx", "a0", Direction.EGRESS, 10, "term_ok", 0, 0),
+    ("rx", "b0", Direction.INGRESS, 2, "pass_unspec", -1, -1),
+    ("rx", "b0", Direction.INGRESS, 9, "pass_pipe", -1, 3),
+)
+
+
+@pytest.fixture
+def quiet_pair() -> Iterator[dict[str, TestNetns]]:
+    """`pair` without IPv6 (no router solicitations or DAD arriving at any moment): only the
+    test's datagrams and their ARP exchange cross the filters."""
+    with netns("lq-tx") as tx, netns("lq-rx") as rx:
+        for ns in (tx, rx):
+            ns.exec("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+            ns.exec("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
+        veth(tx, "a0", rx, "b0")
+        tx.ip("addr", "add", f"{SENDER_IP}/30", "dev", "a0")
+        rx.ip("addr", "add", f"{RECEIVER_IP}/30", "dev", "b0")
+        add_clsact(tx, "a0")
+        add_clsact(rx, "b0")
+        yield {"tx": tx, "rx": rx}
+
+
+def _hook_counts(
+    counts: dict[VerdictKey, int], ns: TestNetns, ifname: str, direction: Direction, prio: int
+) -> dict[int, int]:
+    """{return code: packets} the probe counted at one priority of one hook."""
+    found: dict[int, int] = {}
+    for key, packets in counts.items():
+        place = (key.netns_inode, key.ifindex, key.direction, key.priority)
+        if place == (netns_inode(ns), ns.ifindex(ifname), direction, prio):
+            found[key.retval] = found.get(key.retval, 0) + packets
+    return found
+
+
+def _stable(read: Callable[[], Any]) -> Any:
+    """A reading that two reads in a row agree on (a stray packet between them: read again)."""
+    last = read()
+    for _ in range(100):
+        again = read()
+        if again == last:
+            return again
+        last = again
+        time.sleep(0.05)
+    raise AssertionError("the counters never stopped moving")
+
+
+@pytest.mark.parametrize("mode", ATTACH_MODES, ids=str)
+def test_live_counts_equal_run_counters_and_the_programs_own_counters(
+    quiet_pair: dict[str, TestNetns], classifier_programs: ClassifierPrograms, mode: ProbeMode
+):
+    """Real UDP traffic through a scene: per namespace, interface, priority and return code, the
+    probe counts exactly what the BPF run counters and the programs' `seen` counters count."""
+    names = [hook[4] for hook in EQUALITY_SCENE]
+    targets = [
+        ProbeTarget(
+            classifier_programs.prog_id(name),
+            prio,
+            netns_inode(quiet_pair[side]),
+            quiet_pair[side].ifindex(ifname),
+            direction,
+        )
+        for side, ifname, direction, prio, name, _, _ in EQUALITY_SCENE
+    ]
+    with bpf_syscalls.run_stats(), LiveProbe(targets=targets, modes=(mode,)) as probe:
+        for side, ifname, direction, prio, name, _, _ in EQUALITY_SCENE:
+            attach_filter(quiet_pair[side], ifname, direction, prio, name)
+        status = probe.start()
+        if not status.available:
+            pytest.skip(status.reason)
+
+        def programs_counts() -> tuple[dict[str, int], dict[str, int]]:
+            return (
+                {name: run_count(classifier_programs, name) for name in names},
+                {name: classifier_programs.seen(name) for name in names},
+            )
+
+        runs_before, seen_before = _stable(programs_counts)
+        counts_before = _stable(probe.counts)
+        assert send_udp(quiet_pair["tx"], quiet_pair["rx"], PACKETS) == PACKETS
+        counts, (runs, seen) = _stable(lambda: (probe.counts(), programs_counts()))
+        assert probe.misses() == ProbeMisses(0, 0)
+    raw = mode is ProbeMode.FEXIT_PROG
+    for side, ifname, direction, prio, name, classify_ret, prog_ret in EQUALITY_SCENE:
+        ns = quiet_pair[side]
+        before = _hook_counts(counts_before, ns, ifname, direction, prio)
+        after = _hook_counts(counts, ns, ifname, direction, prio)
+        expected = prog_ret if raw else classify_ret
+        assert set(after) == {expected}, f"{name} at priority {prio}: {after}"
+        live = after[expected] - before.get(expected, 0)
+        ran = runs[name] - runs_before[name]
+        assert live == ran == seen[name] - seen_before[name], f"{name} at priority {prio}"
+        assert live >= PACKETS
 
 
 # --- (d) clean-up ------------------------------------------------------------------------------

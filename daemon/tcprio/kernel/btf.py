@@ -7,9 +7,10 @@ One parser for both uses in tcprio:
   which the live verdict probe compiles in, and where a tc program's skb->cb[] lies
   (`running_kernel_skb_cb_area`), which the verdict analysis models.
 
-Only standalone BTF is understood: the BTF a loader hands to BPF_BTF_LOAD, and vmlinux. A
-module's BTF is split on top of vmlinux's and is not. Malformed data raises ValueError, and only
-ValueError; a type or member that is not there raises `BtfLookupError`.
+Standalone BTF is understood (the BTF a loader hands to BPF_BTF_LOAD, and vmlinux); of a module's
+BTF, which is split on top of vmlinux's (/sys/kernel/btf/<module>), only its FUNC ids are read
+(`split_func_id`: what fexit on a module function needs). Malformed data raises ValueError, and
+only ValueError; a type or member that is not there raises `BtfLookupError`.
 """
 
 from __future__ import annotations
@@ -201,6 +202,26 @@ class Btf:
         if member.bit_size or member.bit_offset % 8:
             raise BtfLookupError(f"BTF: {struct_name}.{path} is a bitfield")
         return member.bit_offset // 8
+
+
+def split_func_id(raw: bytes, base: Btf, name: str) -> int:
+    """The type id of FUNC `name` in split BTF `raw` (a module's) on top of `base` (vmlinux):
+    the split BTF's types are numbered on from the base's last, and a name offset past the
+    base's strings points into the split BTF's own."""
+    types, strings = _sections(raw)
+    offsets, funcs = _walk(types)
+    base_strings = len(base._strings)
+    wanted = name.encode()
+    for local_id in funcs:
+        name_off = _TYPE.unpack_from(types, offsets[local_id])[0]
+        if name_off < base_strings:
+            found = base.string(name_off).encode()
+        else:
+            start = name_off - base_strings
+            found = strings[start : strings.find(b"\0", start)]
+        if found == wanted:
+            return len(base) - 1 + local_id
+    raise BtfLookupError(f"BTF has no {name}")
 
 
 def parse_btf_func_names(raw: bytes) -> dict[int, str]:

@@ -47,9 +47,15 @@ class ContainerRoots:
     containerd: Path | None = CONTAINERD_ROOT
     crio: Path | None = CRIO_ROOT
     more_containerd: tuple[Path, ...] = ()  # containerd's layout elsewhere (k3s, RKE2)
+    more_crio: tuple[Path, ...] = ()
+
+    @classmethod
+    def of(cls, containerd: tuple[Path, ...], crio: tuple[Path, ...]) -> ContainerRoots:
+        """Roots from two lists of folders (the daemon's configuration)."""
+        return cls(containerd=None, crio=None, more_containerd=containerd, more_crio=crio)
 
 
-DEFAULT_ROOTS = ContainerRoots(more_containerd=(K3S_CONTAINERD_ROOT,))
+DEFAULT_ROOTS = ContainerRoots.of((CONTAINERD_ROOT, K3S_CONTAINERD_ROOT), (CRIO_ROOT,))
 
 
 @dataclass(frozen=True)
@@ -216,8 +222,9 @@ def _bundle_files(roots: ContainerRoots) -> Iterator[tuple[str, str, Path]]:
     for root in containerd:
         if root is not None:
             yield from itertools.islice(_containerd_files(root), MAX_BUNDLES)
-    if roots.crio is not None:
-        yield from itertools.islice(_crio_files(roots.crio), MAX_BUNDLES)
+    for root in (roots.crio, *roots.more_crio):
+        if root is not None:
+            yield from itertools.islice(_crio_files(root), MAX_BUNDLES)
 
 
 def _file_key(path: Path) -> FileKey | OSError | None:
@@ -278,5 +285,5 @@ def read_containers(roots: ContainerRoots | None = None) -> NodeContainers:
 
 
 def _under(path: str, roots: ContainerRoots) -> bool:
-    folders = (roots.containerd, roots.crio, *roots.more_containerd)
+    folders = (roots.containerd, roots.crio, *roots.more_containerd, *roots.more_crio)
     return any(r is not None and path.startswith(str(r) + "/") for r in folders)

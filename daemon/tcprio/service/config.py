@@ -14,6 +14,7 @@ from typing import Any
 
 from tcprio.analysis.shadowing import ObserverRule
 from tcprio.inputs import ConfigReadError, brief, label_of, load_yaml
+from tcprio.kernel.containers import DEFAULT_ROOTS, ContainerRoots
 from tcprio.kernel.files import read_bytes_checked
 
 DEFAULT_CONFIG_PATH = Path("/etc/tcprio/tcprio.yaml")
@@ -78,6 +79,8 @@ class DaemonConfig:
     basic_auth: BasicAuth | None = None
     live_probe: bool = True
     log_level: str = "info"
+    # Where containerd and CRI-O keep their OCI bundles: pods' names, products' versions
+    container_roots: ContainerRoots = DEFAULT_ROOTS
     source: str = "defaults"
 
     @property
@@ -260,6 +263,34 @@ def _datadog(c: _Checker, data: Mapping) -> tuple[tuple[Path, ...], bool, bool]:
     return tuple(Path(f) for f in files), scan, c.boolean(section, "assume_active", False)
 
 
+CONTAINER_KEYS = {"containerd_bundle_dirs": "containerd", "crio_bundle_dirs": "crio"}
+
+
+def _container_roots(c: _Checker, data: Mapping) -> ContainerRoots:
+    section = c.mapping(data, "containers") or {}
+    c.unknown_keys(section, set(CONTAINER_KEYS), "containers.")
+    if not section:
+        return DEFAULT_ROOTS
+    containerd = _folders(c, section, "containerd_bundle_dirs", DEFAULT_ROOTS.more_containerd)
+    crio = _folders(c, section, "crio_bundle_dirs", DEFAULT_ROOTS.more_crio)
+    return ContainerRoots.of(containerd, crio)
+
+
+def _folders(
+    c: _Checker, section: Mapping, key: str, default: tuple[Path, ...]
+) -> tuple[Path, ...]:
+    value = section.get(key)
+    if value is None:
+        return default
+    ok = isinstance(value, list) and all(
+        isinstance(v, str) and v.startswith("/") and "\0" not in v for v in value
+    )
+    if not ok:
+        c.problem(f"containers.{key}", value, "a list of absolute folder paths")
+        return default
+    return tuple(Path(v) for v in value)
+
+
 def _namespaces(c: _Checker, data: Mapping) -> tuple[tuple[str, ...], tuple[str, ...]]:
     section = c.mapping(data, "namespaces") or {}
     c.unknown_keys(section, {"include", "exclude"}, "namespaces.")
@@ -277,7 +308,7 @@ def _log_level(c: _Checker, data: Mapping) -> str:
 TOP_LEVEL_KEYS = {
     "listen_address", "resync_interval_seconds", "proc_sweep_interval_seconds",
     "tcx_poll_interval_seconds", "debounce_seconds", "datadog", "namespaces", "observers",
-    "tls", "basic_auth", "live_probe", "log_level",
+    "tls", "basic_auth", "live_probe", "log_level", "containers",
 }  # fmt: skip
 
 
@@ -304,6 +335,7 @@ def config_from_mapping(data: Mapping[str, Any], origin: str) -> DaemonConfig:
         basic_auth=_basic_auth(c, data),
         live_probe=c.boolean(data, "live_probe", True),
         log_level=_log_level(c, data),
+        container_roots=_container_roots(c, data),
         source=origin,
     )
     if c.problems:

@@ -29,6 +29,7 @@ from tcprio.analysis.semantics import action_name
 from tcprio.analysis.starvation import starvations
 from tcprio.datadog import resolve_settings
 from tcprio.kernel import bpf_syscalls
+from tcprio.kernel.containers import read_containers
 from tcprio.kernel.namespaces import (
     NAMED_NETNS_DIRS,
     NamespaceGone,
@@ -36,6 +37,7 @@ from tcprio.kernel.namespaces import (
     unmounted_named_files,
 )
 from tcprio.kernel.tc_inventory import read_namespace, refresh_hooks
+from tcprio.kernel.versions import find_versions
 from tcprio.model import (
     DatadogSettings,
     Direction,
@@ -45,6 +47,7 @@ from tcprio.model import (
     RunStats,
     ScanResult,
     TcFilter,
+    VendorVersion,
 )
 from tcprio.scan import ProgramCache, analyse_node, attached_program_ids, inventory_errors
 from tcprio.service import sd_notify
@@ -159,6 +162,7 @@ class Daemon(TcxLinks):
         self.counters = Counters()
         self.datadog: DatadogSettings | None = None
         self.datadog_seen_at: float | None = None  # when Datadog's classifiers were last attached
+        self.vendor_versions: dict[str, VendorVersion] = {}  # from their containers' images
         self.snapshot = Snapshot.empty(self.kernel)
         self.dirty: set[NsKey] = set()
         self.full_reads: set[NsKey] = set()  # dirty namespaces to read whole, not hook by hook
@@ -454,7 +458,12 @@ class Daemon(TcxLinks):
 
     def _discover(self) -> list[NetNamespace] | None:
         try:
-            return selected(discover_namespaces(), self.config)
+            containers = read_containers(self.config.container_roots)
+            versions = find_versions(containers).versions
+            if versions != self.vendor_versions:  # published with the next flush, debounced
+                self.vendor_versions = versions
+                self.dirty_since = self.dirty_since or time.monotonic()
+            return selected(discover_namespaces(containers=containers), self.config)
         except OSError as exc:
             self.counters.scan_errors["discover"] += 1
             self.log("error", "namespace discovery failed", error=str(exc))
@@ -647,6 +656,7 @@ class Daemon(TcxLinks):
                 inventories, self.datadog, self.cache, observers=self.config.observer_rules,
                 catalogue=catalogue, assume_datadog=self.config.assume_datadog,
                 datadog_seen_before=self._datadog_seen_before(),
+                vendor_versions=self.vendor_versions,
             )  # fmt: skip
         except Exception as exc:  # keep serving the last good state
             self.counters.scan_errors["analyse"] += 1
@@ -695,6 +705,7 @@ class Daemon(TcxLinks):
             config_ok=self.config_ok,
             kernel=self.kernel,
             generation=prev.generation + 1,
+            versions=dict(self.vendor_versions),
         )
 
     def poll_links_and_stats(self) -> None:

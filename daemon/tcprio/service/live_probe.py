@@ -14,7 +14,9 @@ What each mode counts is written down in bpf/verdict_probe.c. In short:
   per (netns, ifindex, direction, program id); the priority comes from the `ProbeTarget`s.
 
 Kernel structure offsets are read from the running kernel's BTF (/sys/kernel/btf/vmlinux), not
-from the (older) headers BCC compiles against.
+from the (older) headers BCC compiles against. Where cls_bpf is a module (distribution kernels),
+cls_bpf_classify is in the module's BTF (/sys/kernel/btf/cls_bpf), and fexit on it names that BTF
+object (attach_btf_obj_fd) besides the function's id in it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import functools
 import gzip
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -34,12 +36,14 @@ from typing import Any
 
 from tcprio.kernel import bpf_syscalls
 from tcprio.kernel.bcc_support import HeadersMissing, prepare_bcc_environment
-from tcprio.kernel.bpf_syscalls import BPF_TRACE_FEXIT, BpfError, main_func_btf_id
-from tcprio.kernel.btf import KIND_FUNC, Btf, BtfLookupError
+from tcprio.kernel.bpf_syscalls import BPF_TRACE_FEXIT, BpfCmd, BpfError, main_func_btf_id
+from tcprio.kernel.btf import KIND_FUNC, Btf, BtfLookupError, split_func_id
 from tcprio.model import Direction
 
 VERDICT_PROBE_C = Path(__file__).resolve().parents[3] / "bpf" / "verdict_probe.c"
-VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
+KERNEL_BTF_DIR = Path("/sys/kernel/btf")
+VMLINUX_BTF = KERNEL_BTF_DIR / "vmlinux"
+CLS_BPF_MODULE = "cls_bpf"
 KPROBE_PMU_TYPE = Path("/sys/bus/event_source/devices/kprobe/type")
 KERNEL_CONFIG = Path("/proc/config.gz")
 CLASSIFY_FUNC = "cls_bpf_classify"
@@ -124,7 +128,6 @@ class KernelLayout:
     chain_block: int
     block_q: int
     qdisc_handle: int
-    classify_btf_id: int  # cls_bpf_classify's FUNC in vmlinux BTF
 
     def cflags(self) -> list[str]:
         defines = {
@@ -161,7 +164,6 @@ def _layout(btf: Btf) -> KernelLayout:
         chain_block=btf.byte_offset("tcf_chain", "block"),
         block_q=btf.byte_offset("tcf_block", "q"),
         qdisc_handle=btf.byte_offset("Qdisc", "handle"),
-        classify_btf_id=btf.find(KIND_FUNC, CLASSIFY_FUNC),
     )
 
 
@@ -176,17 +178,51 @@ def layout_from_btf(btf: Btf) -> KernelLayout:
 
 
 @functools.cache
-def kernel_layout(path: Path = VMLINUX_BTF) -> KernelLayout:
-    """The running kernel's layout (parsed once per process; about 0.3 s)."""
+def _kernel_btf(path: Path = VMLINUX_BTF) -> Btf:
+    """vmlinux BTF, parsed once per process (about 0.3 s)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise LayoutError(f"no kernel BTF at {path} ({exc.strerror})") from exc
     try:
-        btf = Btf(data)
+        return Btf(data)
     except ValueError as exc:
         raise LayoutError(f"kernel BTF at {path} is malformed ({exc})") from exc
-    return layout_from_btf(btf)
+
+
+@functools.cache
+def kernel_layout(path: Path = VMLINUX_BTF) -> KernelLayout:
+    """The running kernel's layout (parsed once per process; about 0.3 s)."""
+    return layout_from_btf(_kernel_btf(path))
+
+
+@dataclass(frozen=True)
+class ClassifyFunc:
+    """cls_bpf_classify in the kernel's BTF: its FUNC id, in vmlinux (module None) or in the
+    split BTF of the module that holds it (fexit then also needs that BTF object's fd)."""
+
+    btf_id: int
+    module: str | None = None
+
+
+def classify_func(btf_dir: Path = KERNEL_BTF_DIR) -> ClassifyFunc:
+    """Where cls_bpf_classify is: vmlinux BTF when cls_bpf is built in, else the cls_bpf module's
+    BTF (read each call: the module may be loaded later). LayoutError says why it is in neither."""
+    base = _kernel_btf(btf_dir / "vmlinux")
+    with contextlib.suppress(BtfLookupError):
+        return ClassifyFunc(base.find(KIND_FUNC, CLASSIFY_FUNC))
+    module_btf = btf_dir / CLS_BPF_MODULE
+    try:
+        raw = module_btf.read_bytes()
+    except OSError:
+        raise LayoutError(
+            f"{CLASSIFY_FUNC} is not in vmlinux BTF and {module_btf} is missing "
+            f"(the {CLS_BPF_MODULE} module is not loaded, or has no BTF)"
+        ) from None
+    try:
+        return ClassifyFunc(split_func_id(raw, base, CLASSIFY_FUNC), CLS_BPF_MODULE)
+    except (BtfLookupError, ValueError) as exc:
+        raise LayoutError(f"{module_btf}: {exc}") from exc
 
 
 # --- bpf(2): tracing programs (fexit) and their links ----------------------------------------
@@ -214,13 +250,26 @@ def with_target_id(insns: bytes, prog_id: int) -> bytes:
     return bytes(code)
 
 
+def load_fexit_classify(insns: bytes, name: str, func: ClassifyFunc) -> int:
+    """Load a fexit program on cls_bpf_classify, in vmlinux or in a module: for a module function
+    the module's BTF object fd goes where a target program's fd would (attach_btf_obj_fd)."""
+    if func.module is None:
+        return load_fexit(insns, name, func.btf_id)
+    btf_obj_id = bpf_syscalls.module_btf_id(func.module)
+    if btf_obj_id is None:
+        raise BpfError(BpfCmd.BTF_GET_NEXT_ID, errno.ENOENT, f"no BTF object of {func.module}")
+    with bpf_syscalls.open_btf(btf_obj_id) as btf_fd:
+        return load_fexit(insns, name, func.btf_id, btf_fd)
+
+
 TRIVIAL_PROGRAM = bytes([0xB7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])  # r0 = 0; exit
 
 
-def _try_fexit(attach_btf_id: int, attach_prog_fd: int = 0) -> BpfError | None:
-    """Load and attach a do-nothing fexit program, then drop it: None if that worked."""
+def _try_fexit(load: Callable[[bytes, str], int]) -> BpfError | None:
+    """Load (with `load(insns, name)`) and attach a do-nothing fexit program, then drop it:
+    None if that worked."""
     try:
-        prog_fd = load_fexit(TRIVIAL_PROGRAM, "tcprio_fx_test", attach_btf_id, attach_prog_fd)
+        prog_fd = load(TRIVIAL_PROGRAM, "tcprio_fx_test")
     except BpfError as exc:
         return exc
     try:
@@ -298,10 +347,10 @@ NO_TARGETS = "no classifier programs were given for fexit on programs"
 
 def _fexit_classify_problem() -> str | None:
     try:
-        layout = kernel_layout()
+        func = classify_func()
     except LayoutError as exc:
         return f"fexit on {CLASSIFY_FUNC} is impossible: {exc}"
-    failure = _try_fexit(layout.classify_btf_id)
+    failure = _try_fexit(lambda insns, name: load_fexit_classify(insns, name, func))
     return None if failure is None else _bpf_failure(f"fexit on {CLASSIFY_FUNC}", failure)
 
 
@@ -311,7 +360,8 @@ def _fexit_prog_problem(targets: Sequence[ProbeTarget]) -> str | None:
     prog_id = targets[0].prog_id
     try:
         with bpf_syscalls.open_prog(prog_id) as target_fd:
-            failure = _try_fexit(main_func_btf_id(target_fd), target_fd)
+            btf_id = main_func_btf_id(target_fd)
+            failure = _try_fexit(lambda insns, name: load_fexit(insns, name, btf_id, target_fd))
     except BpfError as exc:
         failure = exc
     return None if failure is None else _bpf_failure(f"fexit on program {prog_id}", failure)
@@ -492,7 +542,11 @@ class LiveProbe:
     def _attach_fexit_classify(self) -> str | None:
         code = self._bpf.dump_func(FEXIT_CLASSIFY.encode())
         try:
-            prog_fd = load_fexit(code, FEXIT_CLASSIFY[:15], kernel_layout().classify_btf_id)
+            func = classify_func()
+        except LayoutError as exc:
+            return f"fexit on {CLASSIFY_FUNC} is impossible: {exc}"
+        try:
+            prog_fd = load_fexit_classify(code, FEXIT_CLASSIFY[:15], func)
             self._prog_fds.append(prog_fd)
             self._link_fds.append(attach_tracing(prog_fd))
         except BpfError as exc:

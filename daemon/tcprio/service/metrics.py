@@ -168,6 +168,18 @@ def datadog_metrics(snap: Snapshot) -> Iterator[Metric]:
     )
 
 
+def version_metrics(snap: Snapshot) -> Iterator[Metric]:
+    gauge = GaugeMetricFamily(
+        f"{PREFIX}_vendor_version_info",
+        "The version of each network product found on the node, from the image of the container "
+        "its process runs in (always 1)",
+        labels=["vendor", "version", "source"],
+    )
+    for found in snap.versions.values():
+        gauge.add_metric([found.vendor, found.version, found.source], 1)
+    yield gauge
+
+
 def churn_metrics(snap: Snapshot) -> Iterator[Metric]:
     counters = snap.counters
     changes = CounterMetricFamily(
@@ -293,6 +305,7 @@ def daemon_metrics(snap: Snapshot) -> Iterator[Metric]:
 # with every poll of the run counters: the first are rendered once per analysis.
 ANALYSIS_FAMILIES = (
     daemon_metrics, classifier_metrics, conflict_metrics, shadowing_metrics, datadog_metrics,
+    version_metrics,
     churn_metrics,
 )  # fmt: skip
 LIVE_FAMILIES = (run_metrics,)

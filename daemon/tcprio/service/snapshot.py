@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tcprio.analysis.churn import Change
-from tcprio.model import DatadogSettings, HookKey, ProgramInfo, RunStats, ScanResult
+from tcprio.model import DatadogSettings, HookKey, ProgramInfo, RunStats, ScanResult, VendorVersion
 
 ChangeKey = tuple[str, str, str, int, str]  # namespace, interface, direction, priority, change
 LiveKey = tuple[str, str, str, str, str]  # namespace, interface, direction, priority, verdict
@@ -84,6 +84,7 @@ class Snapshot:
     config_ok: bool = True
     kernel: str = ""
     generation: int = 0  # bumped with each published analysis; run-counter polls keep it
+    versions: Mapping[str, VendorVersion] = field(default_factory=dict)  # found in images
 
     @staticmethod
     def empty(kernel: str = "") -> Snapshot:

@@ -16,6 +16,7 @@ from tcprio.kernel.bpf_syscalls.btf_names import (
     btf_func_name,
     btf_func_names,
     btf_info_from_fd,
+    module_btf_id,
 )
 from tcprio.kernel.bpf_syscalls.freplace import (
     FreplaceLink,
@@ -156,6 +157,7 @@ __all__ = [
     "map_info_from_fd",
     "map_type_name",
     "may_be_helper",
+    "module_btf_id",
     "netkit_attach",
     "netkit_query",
     "open_btf",

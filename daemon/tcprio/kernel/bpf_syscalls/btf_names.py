@@ -14,6 +14,7 @@ from tcprio.kernel.bpf_syscalls.syscall import (
     BpfCmd,
     BpfError,
     address,
+    list_btf_ids,
     obj_info,
     open_btf,
     u32,
@@ -73,6 +74,26 @@ def btf_info_from_fd(fd: int, with_data: bool = True) -> BtfInfo:
     head = _btf_info_struct(fd)
     data = _btf_data(fd, head.btf_size) if with_data and head.btf_size else None
     return BtfInfo(id=head.id, size=head.btf_size, kernel_btf=bool(head.kernel_btf), data=data)
+
+
+def _kernel_btf_name(fd: int) -> str | None:
+    """The name of a kernel BTF object ("vmlinux" or the module's), None for a loader's BTF."""
+    name = ctypes.create_string_buffer(64)
+    info = _BtfInfoStruct(name=address(name), name_len=len(name))
+    obj_info(fd, info)
+    return name.value.decode("utf-8", "replace") if info.kernel_btf else None
+
+
+def module_btf_id(module: str) -> int | None:
+    """The id of a loaded kernel module's BTF object (named after the module), else None."""
+    for btf_id in list_btf_ids():
+        try:
+            with open_btf(btf_id) as fd:
+                if _kernel_btf_name(fd) == module:
+                    return btf_id
+        except BpfError:  # freed since listed
+            continue
+    return None
 
 
 @functools.lru_cache(maxsize=_BTF_NAMES_CACHED)

@@ -32,6 +32,7 @@ class BpfCmd(IntEnum):
     PROG_QUERY = 16
     BTF_LOAD = 18
     BTF_GET_FD_BY_ID = 19
+    BTF_GET_NEXT_ID = 23
     LINK_CREATE = 28
     LINK_GET_FD_BY_ID = 30
     LINK_GET_NEXT_ID = 31
@@ -360,3 +361,7 @@ def list_map_ids() -> list[int]:
 
 def list_link_ids() -> list[int]:
     return _all_ids(BpfCmd.LINK_GET_NEXT_ID)
+
+
+def list_btf_ids() -> list[int]:
+    return _all_ids(BpfCmd.BTF_GET_NEXT_ID)
