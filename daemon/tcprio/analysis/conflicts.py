@@ -119,15 +119,31 @@ class _Position:
     index: int | None  # its index in execution order when attached
 
 
+def is_raw_packet(c: Classifier) -> bool:
+    """Datadog's raw-packet classifier (`classifier_raw_packet_*`, cut by the kernel to
+    `classifier_raw_`): it runs beside the main one, at the same priority, and is judged like any
+    other program (its filter programs returned TC_ACT_OK before agent PR 38078)."""
+    names = (c.name, c.filter_name or "")
+    return c.is_datadog and any(n.startswith("classifier_raw") for n in names)
+
+
 def _datadog_position(ordered: Sequence[Classifier], target: DatadogTarget) -> _Position:
-    for index, c in enumerate(ordered):
-        if c.is_datadog and c.hook is HookKind.CLSACT and c.chain == 0:
-            return _Position(priority=c.priority or target.priority, attached=True, index=index)
+    """Where Datadog's main classifier (the one network detection needs) sits; its raw-packet
+    classifier stands for it only when the main one is not attached."""
+    ours = [
+        (index, c)
+        for index, c in enumerate(ordered)
+        if c.is_datadog and c.hook is HookKind.CLSACT and c.chain == 0
+    ]
+    main = [(index, c) for index, c in ours if not is_raw_packet(c)] or ours
+    if main:
+        index, c = main[0]
+        return _Position(priority=c.priority or target.priority, attached=True, index=index)
     return _Position(priority=target.priority, attached=False, index=None)
 
 
 def _runs_before(c: Classifier, index: int, pos: _Position) -> bool:
-    if c.is_datadog:
+    if c.is_datadog and not is_raw_packet(c):
         return False
     if c.hook in EARLY_HOOKS:
         return True
@@ -195,7 +211,28 @@ def _other_traffic_finding(c: Classifier, pos: _Position) -> _Finding | None:
     )
 
 
+def _raw_packet_finding(c: Classifier) -> _Finding | None:
+    """Datadog's own raw-packet classifier before its main one: no priority separates them (both
+    go at classifier_priority), so the fix is the agent's, never a priority."""
+    if c.verdict.verdict_class is VerdictClass.TRANSPARENT:
+        return None
+    if c.verdict.verdict_class is VerdictClass.UNKNOWN:
+        return _Finding(
+            Severity.WARNING,
+            f"{describe(c)}, Datadog's own raw-packet classifier, runs before its main "
+            f"classifier and tcprio could not prove what it returns ({c.verdict.reason})",
+        )
+    return _Finding(
+        Severity.ERROR,
+        f"{describe(c)}, Datadog's own raw-packet classifier, {terminal_text(c)} before its "
+        "main classifier at the same priority: Datadog's network detection never sees those "
+        "packets, and no classifier_priority separates the two",
+    )
+
+
 def _clsact_finding(c: Classifier, pos: _Position) -> _Finding | None:
+    if is_raw_packet(c):
+        return _raw_packet_finding(c)
     if c.protocol not in IP_CARRYING_PROTOCOLS:
         return _other_traffic_finding(c, pos)
     prio = c.priority or 0

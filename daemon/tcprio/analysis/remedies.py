@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from tcprio.analysis import vendors
-from tcprio.analysis.conflicts import EARLY_HOOKS, severity_rank
+from tcprio.analysis.conflicts import EARLY_HOOKS, is_raw_packet, severity_rank
 from tcprio.analysis.datadog_settings import (
     PRIORITY_RANGE,
     WP_ENABLED_KEY,
@@ -52,6 +52,8 @@ def remedies_for(conflict: Conflict, settings: DatadogSettings) -> tuple[Remedy,
     what could not be proven, and disabling Datadog's detection last."""
     blocker = conflict.blocker
     vendor = vendor_remedy(blocker.vendor, blocker.hook)
+    if is_raw_packet(blocker):
+        vendor = raw_packet_remedy(settings.raw_packet_enabled)
     found: list[Remedy | None] = []
     if conflict.severity is Severity.CRITICAL:
         found += [
@@ -294,6 +296,24 @@ def disable_network_remedy(setting: Setting | None = None) -> Remedy:
             "agent; the variable on the system-probe container does",
             *restart_instructions(),
         ),
+    )
+
+
+def raw_packet_remedy(setting: Setting | None = None) -> Remedy:
+    """Datadog's raw-packet classifier ends the chain before its main one: upgrade the agent,
+    or turn raw packets off (in the spelling that wins)."""
+    spelling = winning_spelling("network.raw_packet.enabled", setting)
+    return Remedy(
+        summary=(
+            "upgrade the Datadog agent (its raw-packet filter programs return TC_ACT_UNSPEC "
+            "since PR 38078, 2025-06; a rule's drop action still drops on purpose), or turn "
+            "raw packets off"
+        ),
+        system_probe_yaml=nested_yaml(spelling.yaml_key, False),
+        helm_values=helm_env_snippet(spelling.env_var, "false"),
+        operator_values=operator_env_snippet(spelling.env_var, "false"),
+        environment=f"{spelling.env_var}=false",
+        extra=(spelling.why, *restart_instructions()),
     )
 
 
