@@ -133,7 +133,7 @@ def run_scan_command(args: argparse.Namespace) -> int:
         files=files, scan_processes=not args.no_agent_process, containers=containers
     )
     for error in settings.errors:
-        print(f"tcprio: bad Datadog setting ignored: {error}", file=sys.stderr)
+        print(f"tcprio: Datadog configuration: {error}", file=sys.stderr)
     observers = _configured_observers(Path(args.config))
     try:
         scan = run_scan(

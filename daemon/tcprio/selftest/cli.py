@@ -93,7 +93,7 @@ def _node_settings(options: SelfTestOptions):
     files = options.datadog_files if options.datadog_files is not None else DEFAULT_FILES
     settings = resolve_settings(files=files, scan_processes=options.scan_processes)
     for error in settings.errors:
-        print(f"tcprio self-test: bad Datadog setting ignored: {error}", file=sys.stderr)
+        print(f"tcprio self-test: Datadog configuration: {error}", file=sys.stderr)
     return settings
 
 

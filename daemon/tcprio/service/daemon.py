@@ -528,7 +528,7 @@ class Daemon(TcxLinks):
         if self.datadog is None or settings.errors != self.datadog.errors:
             for error in settings.errors:
                 self.counters.scan_errors["datadog_config"] += 1
-                self.log("warning", "bad Datadog setting ignored", detail=error)
+                self.log("warning", "Datadog configuration problem", detail=error)
         self.datadog = settings
 
     # --- analysis ----------------------------------------------------------------------------
