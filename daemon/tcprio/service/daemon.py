@@ -666,11 +666,20 @@ class Daemon(TcxLinks):
         for error in inventory_errors(inventories):
             self.log("warning", "namespace read error", detail=error)
         self.counters.scans[kind] += 1
-        if any(c.is_datadog for hook in node.result.hooks for c in hook.classifiers):
-            self.datadog_seen_at = time.time()
+        self._note_datadog_hooks(node.result)
         self._publish(node, time.monotonic() - started)
         if kind == "full":
             release_memory()
+
+    def _note_datadog_hooks(self, result: ScanResult) -> None:
+        """Hooks where the analysis names a Datadog classifier: their disappearance counters
+        start at 0 in this very snapshot (a reading can precede the program's info, which names
+        it), and Datadog counts as seen now."""
+        for hook in result.hooks:
+            if any(c.is_datadog for c in hook.classifiers):
+                key = (hook.namespace, hook.interface, str(hook.direction))
+                self.counters.disappearances.setdefault(key, 0)
+                self.datadog_seen_at = time.time()
 
     def _datadog_seen_before(self) -> str | None:
         """Datadog's classifiers were attached a short while ago: it still counts as active
