@@ -8,8 +8,8 @@ cmd=${1:-}
 shift || true
 case "$cmd" in
   scan)
-    "$root/scripts/setup.sh" runtime
-    exec "$root/.venv/bin/tcprio" --scan "$@"
+    "$root/scripts/setup.sh" scan  # no BCC nor kernel headers: a scan does not compile
+    exec "$root/.venv/bin/tcprio" scan "$@"
     ;;
   test)
     "$root/scripts/setup.sh" dev
@@ -19,6 +19,6 @@ case "$cmd" in
     ;;
   *)
     echo "usage: ./run.sh scan [tcprio options] | ./run.sh test [pytest options]" >&2
-    exit 2
+    exit 64
     ;;
 esac

@@ -55,7 +55,7 @@ from tests.endpoint_programs import Endpoint, EndpointTemplate  # noqa: E402
 
 TCPRIO = str(ROOT / ".venv" / "bin" / "tcprio")
 NO_DATADOG_FILE = "/nonexistent/system-probe.yaml"
-NO_DATADOG = ["--no-agent-process", "--datadog-config", NO_DATADOG_FILE]
+NO_DATADOG = ["--no-agent-process", "--no-datadog-config"]
 
 
 def median_time(action: Callable[[], object], repeat: int) -> tuple[float, object]:

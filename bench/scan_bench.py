@@ -44,7 +44,7 @@ from tcprio.kernel.namespaces import discover_namespaces  # noqa: E402
 from tcprio.scan import enumerate_namespaces  # noqa: E402
 
 TCPRIO = str(ROOT / ".venv" / "bin" / "tcprio")
-NO_DATADOG = ["--no-agent-process", "--datadog-config", "/nonexistent/system-probe.yaml"]
+NO_DATADOG = ["--no-agent-process", "--no-datadog-config"]
 
 TC_LOOP = r"""
 for ns in "$@"; do

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a Debian 12 machine, as root: Debian packages, then a virtualenv in
 # .venv with tcprio installed and Debian's BCC (python3-bpfcc) importable.
-# Usage: scripts/setup.sh [runtime|dev]   (dev adds the test tools)
+# Usage: scripts/setup.sh [scan|runtime|dev]
+#   scan     what `tcprio scan` needs (./run.sh scan): iproute2, a virtualenv
+#   runtime  everything tcprio's commands use: BCC and kernel headers (about 230 MB: the
+#            self-test and the daemon's live probe compile with them), bpftool (the bundle)
+#   dev      runtime and the test tools (./run.sh test)
+# Each also installs the shell completion (bash, zsh) and the man page tcprio(8).
 set -euo pipefail
 
 profile=${1:-runtime}
@@ -13,7 +18,12 @@ if [ "$(id -u)" != 0 ]; then
   exit 3
 fi
 
-debian_packages=(iproute2 bpftool python3-bpfcc linux-headers-amd64 python3-venv procps util-linux)
+case "$profile" in
+  scan|runtime|dev) ;;
+  *) echo "tcprio setup: unknown profile '$profile' (scan, runtime or dev)" >&2; exit 64 ;;
+esac
+debian_packages=(iproute2 python3-venv procps util-linux)
+[ "$profile" != scan ] && debian_packages+=(bpftool python3-bpfcc linux-headers-amd64)
 # The tests also run a real Prometheus (and promtool) on loopback, systemd-analyze, strace (the
 # read-only check of a scan).
 [ "$profile" = dev ] && debian_packages+=(prometheus systemd openssl strace)
@@ -37,7 +47,7 @@ fi
 extras=""
 [ "$profile" = dev ] && extras="[dev]"
 stamp="$venv/.tcprio-installed"
-want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1) $profile"
+want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1) $extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root$extras"
   echo "$want" > "$stamp"
@@ -50,6 +60,9 @@ fi
 
 # Debian's BCC lives in /usr/lib/python3/dist-packages; expose that one package only.
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-if [ ! -e "$site/bcc" ]; then
+if [ ! -e "$site/bcc" ] && [ -d /usr/lib/python3/dist-packages/bcc ]; then
   ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
 fi
+
+# Shell completion and man page, generated from the parser (idempotent; DESTDIR-aware).
+"$venv/bin/python" "$root/scripts/shell_docs.py" --install --prefix "${DESTDIR:-}/usr/local"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import socket
 import struct
@@ -225,6 +226,25 @@ def attach_filter(
                 prio=prio,
                 protocol=_protocol_number(protocol),
             )
+
+
+TCX_MISSING_PREFIX = "no tcx on this kernel"
+
+
+@functools.cache
+def tcx_missing() -> str | None:
+    """Why this kernel has no tcx (it came in 6.6: before, BPF_PROG_QUERY with a tcx attach
+    type fails with EINVAL), or None. A read-only query on `lo` of the current namespace."""
+    try:
+        bpf_syscalls.tcx_query(1, Direction.INGRESS)
+    except bpf_syscalls.TcxUnsupported:
+        return f"{TCX_MISSING_PREFIX} (BPF_PROG_QUERY with BPF_TCX_INGRESS fails with EINVAL)"
+    except bpf_syscalls.BpfError:
+        return None  # tcx is there; `lo` answered something else
+    return None
+
+
+requires_tcx = pytest.mark.skipif(tcx_missing() is not None, reason=str(tcx_missing()))
 
 
 def attach_tcx(ns: TestNetns, ifname: str, direction: Direction | str, prog_name: str) -> int:

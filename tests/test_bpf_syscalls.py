@@ -23,7 +23,9 @@ from tests.bpf_programs import (
     ClassifierPrograms,
     attach_filter,
     link_subprogram,
+    requires_tcx,
     tcx_attached,
+    tcx_missing,
 )
 from tests.kernel import add_clsact, netns, veth, veth_in_one
 from tests.timing import HANG_GUARD_S
@@ -199,6 +201,7 @@ def tcx_links_in_bpftool() -> dict[int, int]:
     return {link["id"]: link["prog_id"] for link in bpftool_json("link", "show")}
 
 
+@requires_tcx
 def test_tcx_query_lists_links_in_order(classifier_programs: ClassifierPrograms) -> None:
     ids = classifier_programs.prog_id
     with netns("tcx") as ns:
@@ -237,6 +240,20 @@ def test_tcx_query_lists_links_in_order(classifier_programs: ClassifierPrograms)
         assert not set(link_ids.values()) & set(tcx_links_in_bpftool())
 
 
+def test_without_tcx_the_query_says_so() -> None:
+    """Kernels before 6.6 (Debian 12's 6.1): BPF_PROG_QUERY with a tcx attach type is EINVAL,
+    which tcx_query turns into TcxUnsupported for every interface."""
+    if not tcx_missing():
+        pytest.skip("this kernel has tcx")
+    with netns("notcx") as ns, ns.entered():
+        for direction in (Direction.INGRESS, Direction.EGRESS):
+            with pytest.raises(bpf_syscalls.TcxUnsupported) as caught:
+                bpf_syscalls.tcx_query(ns.ifindex("lo"), direction)
+            assert caught.value.errno == errno.EINVAL
+            assert "no tcx in this kernel" in str(caught.value)
+
+
+@requires_tcx
 def test_tcx_query_unknown_interface() -> None:
     with netns("tcx") as ns, ns.entered(), pytest.raises(bpf_syscalls.BpfError) as caught:
         bpf_syscalls.tcx_query(4242, Direction.INGRESS)
@@ -295,6 +312,7 @@ def test_run_stats_count_test_runs(classifier_programs: ClassifierPrograms) -> N
     assert after.run_time_ns > before.run_time_ns
 
 
+@requires_tcx
 def test_real_traffic_runs_attached_classifiers(classifier_programs: ClassifierPrograms) -> None:
     """A clsact filter on the sender's egress and a tcx program on the receiver's ingress both
     see a UDP datagram sent across a veth; the run counters go up too."""

@@ -22,7 +22,7 @@ CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("DD_")}
 
 def tcprio(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()):
     """Run the CLI; a system-probe running on this machine must not change what tests see."""
-    if "--scan" in args:
+    if "--scan" in args or args[:1] == ("scan",):
         args = (*args, "--no-agent-process")
     return subprocess.run(
         [*prefix, sys.executable, "-m", "tcprio", *args],

@@ -526,7 +526,9 @@ def test_scan_reports_versions_and_the_flag_overrides(scene: Scene, tmp_path: Pa
         "source": "container image quay.io/cilium/cilium:v1.9.18 "
         f"(containerd bundle {container[:12]})",
     }
-    assert "Cilium 1.9.18  (container image quay.io/cilium/cilium:v1.9.18" in render_text(scan)
+    text = render_text(scan, detail=True)
+    assert "Cilium 1.9.18  (container image quay.io/cilium/cilium:v1.9.18" in text
+    assert "versions found: Cilium 1.9.18" in render_text(scan)  # the first screen names it
     jsonschema.validate(scan_json(scan), schema())
     assert flagged.versions["Cilium"].version == "1.16.0"
     assert flagged.versions["Cilium"].source == "--cilium-version"
@@ -582,7 +584,7 @@ def test_host_side_veth_shows_the_pod_behind_it(scene: Scene) -> None:
     assert lxc["peer_netnsid"] is not None
     [pod_doc] = [n for n in doc["namespaces"] if n["netns"] == pod.name]
     assert pod_doc["name"] == "pod:shop/web" and pod_doc["pod_namespace"] == "shop"
-    assert "lxc0abc egress  (peer in pod:shop/web)" in render_text(scan, color=False)
+    assert "lxc0abc egress  (peer in pod:shop/web)" in render_text(scan, detail=True)
     jsonschema.validate(doc, schema())
 
 

@@ -47,7 +47,7 @@ from tests.test_containers import Scene, in_container_cgroup
 from tests.timing import HANG_GUARD_S
 
 E = Direction.EGRESS
-NO_FILES = ("--datadog-config", "/nonexistent/system-probe.yaml")
+NO_FILES = ("--no-datadog-config",)
 CILIUM_FILTER = "bpf_lxc.o:[from-container]"
 NOBODY = 65534
 NETWORK_OFF_ENV = {"DD_RUNTIME_SECURITY_CONFIG_NETWORK_ENABLED": "false"}
@@ -100,7 +100,7 @@ def test_state_from_settings_and_attached_classifiers(
     assert presence.state is state
     assert presence.evidence and all("\n" not in line for line in presence.evidence)
     if attached:
-        assert "1 Datadog classifier(s) attached" in presence.evidence[0]
+        assert "1 Datadog classifier attached" in presence.evidence[0]
         assert "host/eth0 egress at priority 10" in presence.evidence[0]
     if found != "none" and not attached:
         assert f"found: {found}" in presence.evidence
@@ -187,11 +187,13 @@ def test_datadog_attached_in_another_namespace_makes_it_active(cilium_node: Test
 
 
 def _wait_exec(proc: subprocess.Popen, name: str = "system-probe") -> None:
-    """Until the process runs `name` (the wrappers exec it)."""
+    """Until the process runs `name` (the wrappers exec it) with its arguments (during an exec
+    the new executable shows before the new command line)."""
     deadline = time.monotonic() + HANG_GUARD_S
     while time.monotonic() < deadline:
         try:
-            if os.path.basename(os.readlink(f"/proc/{proc.pid}/exe")) == name:
+            running = os.path.basename(os.readlink(f"/proc/{proc.pid}/exe")) == name
+            if running and Path(f"/proc/{proc.pid}/cmdline").read_bytes():
                 return
         except OSError:
             pass
@@ -408,6 +410,6 @@ def test_the_daemon_config_key_is_validated(tmp_path: Path) -> None:
 
 
 def test_the_flag_is_in_the_help() -> None:
-    proc = subprocess.run([sys.executable, "-m", "tcprio", "--help"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "tcprio", "scan", "--help"], capture_output=True,
                           text=True, timeout=60)  # fmt: skip
     assert "--assume-datadog" in proc.stdout

@@ -28,6 +28,7 @@ ALLOWED: dict[str, set[str]] = {
         "tcprio.scan",
         "tcprio.datadog",
         "tcprio.service.config",
+        "tcprio.service.live_probe",
     },
     "tcprio.bundle": {
         "tcprio.kernel",

@@ -66,8 +66,8 @@ def scene(classifier_programs) -> Iterator[TestNetns]:
 
 
 def scan(ns: TestNetns, caps: list[str] | None) -> subprocess.CompletedProcess[str]:
-    argv = [*TCPRIO, "--scan", "--format", "json", "--netns", ns.name, "--no-agent-process",
-            "--datadog-config", "/nonexistent/system-probe.yaml"]  # fmt: skip
+    argv = [*TCPRIO, "scan", "--format", "json", "--netns", ns.name, "--no-agent-process",
+            "--no-datadog-config"]  # fmt: skip
     if caps is None:
         return subprocess.run(argv, capture_output=True, text=True, timeout=120)
     return with_caps(caps, argv)
@@ -106,13 +106,13 @@ def test_without_a_required_capability_the_scan_says_which_in_one_line(missing, 
     assert proc.stdout == ""
     assert proc.stderr == (
         f"tcprio: running as root without {REQUIRED[missing]}: run tcprio as root with these "
-        "capabilities (e.g. sudo tcprio --scan)\n"
+        "capabilities (e.g. sudo tcprio scan)\n"
     )
 
 
 def test_the_daemon_refuses_to_start_without_a_required_capability(tmp_path: Path):
     caps = [c for c in unit_capabilities() if c != "sys_admin"]
-    proc = with_caps(caps, [*TCPRIO, "--config", str(tmp_path / "absent.yaml")])
+    proc = with_caps(caps, [*TCPRIO, "serve", "--listen-address", "127.0.0.1:1"])
     assert proc.returncode == 3
     assert proc.stderr.startswith("tcprio: running as root without CAP_SYS_ADMIN")
     assert proc.stderr.count("\n") == 1
@@ -157,7 +157,7 @@ def fake_system_probe(tmp_path: Path, priority: int) -> Iterator[int]:
 
 
 def datadog_scan(caps: list[str], pid: int) -> subprocess.CompletedProcess[str]:
-    return with_caps(caps, [*TCPRIO, "--scan", "--format", "json", "--netns", "nothing-at-all"])
+    return with_caps(caps, [*TCPRIO, "scan", "--format", "json", "--netns", "host"])
 
 
 def test_a_system_probe_that_is_not_datadogs_is_never_read_whatever_the_capabilities(

@@ -135,7 +135,7 @@ def test_a_peer_outside_the_scanned_namespaces_is_a_note_not_a_guess():
     placement = place_chains([host, pod_a])
     assert ((4, 3), 2) not in placement.before_ingress
     assert len(placement.notes) == 1
-    assert "nk6: the netkit primary chain (1 program(s))" in placement.notes[0]
+    assert "nk6: the netkit primary chain (1 program)" in placement.notes[0]
     assert "is not in a scanned namespace" in placement.notes[0]
 
 
@@ -249,5 +249,5 @@ def test_text_and_json_show_the_netkit_chain_and_keep_to_the_schema():
     blocker = eth0["hooks"][0]["classifiers"][0]
     assert (blocker["hook"], blocker["netkit_chain"]) == ("netkit", "primary chain of nk5")
     assert [c["blocker_hook"] for c in document["conflicts"]] == ["netkit"]
-    text = render_text(scan, color=False)
+    text = render_text(scan, color=False, detail=True)
     assert "netkit #0 link 1011" in text and "(primary chain of nk5)" in text

@@ -22,6 +22,7 @@ from tcprio.datadog import resolve_settings
 from tcprio.kernel import bpf_syscalls
 from tcprio.kernel.namespaces import entered_path
 from tcprio.model import ETH_P_ALL, Direction
+from tcprio.selftest import live_verdicts
 from tcprio.selftest import scene as selftest_scene
 from tcprio.selftest.runner import (
     SelfTestOptions,
@@ -33,13 +34,15 @@ from tcprio.selftest.runner import (
     run_self_test,
 )
 from tcprio.selftest.scene import NODE_IF, Scene
+from tcprio.service.live_probe import probe_support
+from tests.bpf_programs import tcx_missing
 from tests.kernel import run
 from tests.test_daemon import free_port
-from tests.timing import HANG_GUARD_S, wait_until
+from tests.timing import HANG_GUARD_S, guard, wait_until
 
 TCPRIO = [sys.executable, "-m", "tcprio"]
 SCHEMA = Path(selftest_scene.__file__).resolve().parents[1] / "data" / "selftest-schema-v1.json"
-NO_DATADOG = ["--datadog-config", "/nonexistent/system-probe.yaml", "--no-agent-process"]
+NO_DATADOG = ["--no-datadog-config", "--no-agent-process"]
 
 
 def selftest_namespaces() -> list[str]:
@@ -111,7 +114,7 @@ def test_self_test_passes_on_this_machine_and_leaves_nothing():
     before = kernel_objects()
     proc = subprocess.run(
         [*TCPRIO, "self-test", "--no-daemon-check", "--format", "json", *NO_DATADOG],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=guard(120),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
@@ -119,10 +122,14 @@ def test_self_test_passes_on_this_machine_and_leaves_nothing():
     assert report["schema"] == "tcprio.self-test" and report["ok"] is True
     statuses = {s["name"]: s["status"] for s in report["steps"]}
     skipped = {name for name, status in statuses.items() if status == "skipped"}
-    assert skipped == {"conflicts reach the daemon's /metrics"}  # asked for: --no-daemon-check
-    assert len(statuses) == 10
+    expected = {"conflicts reach the daemon's /metrics"}  # asked for: --no-daemon-check
+    if not probe_support().available:  # the development VM: no kprobes, fexit refused
+        expected.add(live_verdicts.STEP)
+    assert skipped == expected
+    assert len(statuses) == 11
     build = next(s for s in report["steps"] if s["name"] == "builds the scene")
-    assert "9 classifiers on 4 hooks" in build["summary"]  # this kernel has tcx
+    placed = "8 classifiers on 4 hooks" if tcx_missing() else "9 classifiers on 4 hooks"
+    assert placed in build["summary"]
     assert report["classifier_priority"] == 10
     assert_nothing_left(before)
 
@@ -130,7 +137,7 @@ def test_self_test_passes_on_this_machine_and_leaves_nothing():
 def test_text_output_ends_with_the_verdict():
     proc = subprocess.run(
         [*TCPRIO, "self-test", "--no-daemon-check", "--classifier-priority", "5", *NO_DATADOG],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=guard(120),
     )  # fmt: skip
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -285,7 +292,7 @@ def test_an_interrupted_run_cleans_up(signum: int):
     with selftest_process() as proc:
         wait_for_scene(proc)
         proc.send_signal(signum)
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=guard(60))
         assert proc.returncode == 130, out + err
         assert "Traceback" not in err
         assert out.strip().splitlines()[-1] == (
@@ -298,7 +305,7 @@ def test_an_interrupted_run_says_so_in_json():
     with selftest_process("--format", "json") as proc:
         wait_for_scene(proc)
         proc.send_signal(signal.SIGINT)
-        out, _err = proc.communicate(timeout=60)
+        out, _err = proc.communicate(timeout=guard(60))
     report = json.loads(out)
     jsonschema.validate(report, json.loads(SCHEMA.read_text()))
     assert report["interrupted"] is True and report["ok"] is False
@@ -319,7 +326,7 @@ def test_a_killed_run_is_cleaned_up_by_the_next_one():
         assert sorted(selftest_namespaces()) == sorted(leftovers)  # SIGKILL: no cleanup
         proc = subprocess.run(
             [*TCPRIO, "self-test", "--no-daemon-check", *NO_DATADOG],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True, text=True, timeout=guard(120),
         )  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert (
@@ -362,14 +369,14 @@ def daemon(tmp_path: Path, include: str) -> Iterator[int]:
         yield port
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=guard(30))
         log.close()
 
 
 def test_conflicts_reach_a_running_daemon_found_on_the_node(tmp_path: Path):
     with daemon(tmp_path, '"tcprio-selftest-*"') as port:
         proc = subprocess.run([*TCPRIO, "self-test", *NO_DATADOG],
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+                              capture_output=True, text=True, timeout=guard(120))  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     line = next(x for x in proc.stdout.splitlines() if "reach the daemon" in x)
     assert line.startswith("[ OK ]")
@@ -382,7 +389,7 @@ def test_conflicts_reach_a_running_daemon_found_on_the_node(tmp_path: Path):
 def test_a_daemon_that_excludes_the_scene_is_reported_not_failed(tmp_path: Path):
     with daemon(tmp_path, '"pod:*"'):
         proc = subprocess.run([*TCPRIO, "self-test", "--format", "json", *NO_DATADOG],
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+                              capture_output=True, text=True, timeout=guard(120))  # fmt: skip
     report = json.loads(proc.stdout)
     daemon_step = next(s for s in report["steps"] if "daemon" in s["name"])
     assert daemon_step["status"] == "skipped"
@@ -406,7 +413,7 @@ def test_run_without_bcc_headers_says_what_it_means(tmp_path: Path):
     """A BCC_KERNEL_SOURCE without headers: the step names it and what it means."""
     env = {**os.environ, "BCC_KERNEL_SOURCE": str(tmp_path / "no-headers-here")}
     proc = subprocess.run([*TCPRIO, "self-test", "--no-daemon-check", *NO_DATADOG],
-                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+                          capture_output=True, text=True, timeout=guard(120), env=env)  # fmt: skip
     assert proc.returncode == 1
     line = next(x for x in proc.stdout.splitlines() if "compiles the classifiers" in x)
     assert line.startswith("[FAIL]")
@@ -420,7 +427,7 @@ def test_a_compiler_failure_shows_the_compilers_error(tmp_path: Path):
     (tmp_path / "include" / "linux").mkdir(parents=True)  # looks like headers, holds none
     env = {**os.environ, "BCC_KERNEL_SOURCE": str(tmp_path)}
     proc = subprocess.run([*TCPRIO, "self-test", "--no-daemon-check", *NO_DATADOG],
-                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+                          capture_output=True, text=True, timeout=guard(120), env=env)  # fmt: skip
     assert proc.returncode == 1
     line = next(x for x in proc.stdout.splitlines() if "compiles the classifiers" in x)
     assert "BCC could not compile" in line and "error:" in line
@@ -436,7 +443,7 @@ def test_ctrl_c_pressed_again_and_again_does_not_cut_the_cleanup_short():
                 break
             proc.send_signal(signal.SIGINT)
             time.sleep(0.005)
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=guard(60))
         # A SIGINT that lands after the report, while Python shuts down (its handlers back to
         # the default), ends the process with that signal: the work was done by then.
         assert proc.returncode in (130, -signal.SIGINT), out + err

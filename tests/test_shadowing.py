@@ -370,13 +370,15 @@ def test_the_text_report_lists_them_after_datadogs_conflicts_one_line_each():
         retina(1, TERMINAL, position=0), cilium(2, position=1), datadog(10, position=2),
         clsact(20, name="late", position=3),
     )  # fmt: skip
-    lines = render_text(scan, color=False).splitlines()
+    lines = render_text(scan, color=False, detail=True).splitlines()
     conflicts = next(i for i, line in enumerate(lines) if line.startswith("CONFLICTS"))
     section = next(i for i, line in enumerate(lines) if line.startswith("HIDDEN CLASSIFIERS"))
     inventory = next(i for i, line in enumerate(lines) if line.startswith("CLASSIFIERS BY"))
     assert conflicts < section < inventory
     assert lines[section] == "HIDDEN CLASSIFIERS (1 policy bypass, 1 hidden)"
-    body = lines[section + 1 : section + 3]
+    # one entry each (wrapped at 100 columns: continuation lines are indented deeper)
+    body = [line for line in lines[section + 1 : inventory] if line.startswith("  ") and
+            not line.startswith("   ")]  # fmt: skip
     assert body[0].startswith("  CRITICAL ns1 / eth0 egress [policy bypass]: Cilium bpf")
     assert body[1].startswith("  ERROR ns1 / eth0 egress [hidden]: bpf classifier 'late'")
     marks = [line.rsplit("<- ", 1)[-1] for line in lines[inventory:] if "<- " in line]
@@ -385,7 +387,7 @@ def test_the_text_report_lists_them_after_datadogs_conflicts_one_line_each():
 
 
 def test_the_text_report_says_when_nothing_else_is_hidden():
-    text = render_text(_scan(retina(1), datadog(10)), color=False)
+    text = render_text(_scan(retina(1), datadog(10)), color=False, detail=True)
     assert "No other classifier is hidden by one before it." in text
 
 

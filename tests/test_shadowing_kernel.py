@@ -209,11 +209,19 @@ def test_the_text_report_names_who_hides_what(pair, programs):
     tx, _ = pair
     attach(tx, 1, programs, "host_egress_filter", TC_ACT_OK)
     attach(tx, 2, programs, "cil_to_container", TC_ACT_SHOT)
-    proc = tcprio("--scan", "--netns", tx.name, "--color", "never", "--config", "/nonexistent")
+    proc = tcprio("scan", "--netns", tx.name, "--color", "never", "--no-agent-process")
+    lines = proc.stdout.splitlines()
+    # the first screen: one group, who hides whom
+    at = lines.index("OTHER CLASSIFIERS HIDDEN (1 hook, 1 cause)")
+    assert lines[at + 1].startswith("  CRITICAL policy bypass: Cilium hidden by Retina (clsact")
+    assert f"e.g. {tx.name}/a0 egress" in " ".join(lines[at + 1 : at + 5])
+    # --detail: every one, as before
+    proc = tcprio("scan", "--netns", tx.name, "--color", "never", "--detail", "--no-agent-process")
     lines = proc.stdout.splitlines()
     at = lines.index("HIDDEN CLASSIFIERS (1 policy bypass)")
     assert lines[at + 1].startswith(f"  CRITICAL {tx.name} / a0 egress [policy bypass]: Cilium")
-    assert "Retina bpf classifier 'host_egress_fil'" in lines[at + 1]
+    entry = " ".join(line.strip() for line in lines[at + 1 : at + 4])  # wrapped at 100 columns
+    assert "Retina bpf classifier 'host_egress_fil'" in entry
 
 
 def test_the_daemon_exports_them_and_takes_its_observers_from_its_configuration(tmp_path, programs):

@@ -53,3 +53,15 @@ def test_unit_keeps_the_daemon_reachable():
     assert set(caps.group(1).split()) == {
         "CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_SYSLOG", "CAP_DAC_READ_SEARCH", "CAP_NET_ADMIN",
     }  # fmt: skip
+
+
+def test_the_unit_runs_the_serve_command():
+    """Plain `tcprio` prints its usage: the unit must name the daemon's command."""
+    start = re.search(r"^ExecStart=(.*)$", UNIT.read_text(), re.M)
+    assert start is not None
+    argv = start.group(1).split()
+    assert argv[:2] == ["/opt/tcprio/.venv/bin/tcprio", "serve"]
+    from tcprio.cli import build_parser
+
+    args = build_parser().parse_args(argv[1:])
+    assert (args.command, args.config) == ("serve", "/etc/tcprio/tcprio.yaml")

@@ -226,5 +226,5 @@ def test_text_and_json_show_the_xdp_program_and_keep_to_the_schema():
         "xdp", "skb", ["XDP_DROP"],
     )  # fmt: skip
     assert "xdp" not in document["namespaces"][0]["interfaces"][0]["hooks"][1]
-    text = render_text(scan, color=False)
+    text = render_text(scan, color=False, detail=True)
     assert "xdp skb #0" in text and "terminal: XDP_DROP" in text

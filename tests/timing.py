@@ -8,12 +8,24 @@ condition up to the guard: a fixed sleep never decides whether a test passes.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
+# How much slower than a host this machine runs the tests: the guests of the kernel matrix run
+# under TCG (qemu without KVM), 20-40x slower, and scripts/vm-test.sh sets it there. Every hang
+# guard scales with it, so that it stays at least 10x the median there too.
+SLOWDOWN = float(os.environ.get("TCPRIO_TEST_SLOWDOWN", "1"))
+
+
+def guard(seconds: float) -> float:
+    """A hang guard of `seconds` on a host, scaled for this machine (SLOWDOWN)."""
+    return seconds * SLOWDOWN
+
+
 # The smallest hang guard: a CI machine, however noisy, takes this long only when something hangs.
-HANG_GUARD_S = 30.0
+HANG_GUARD_S = guard(30.0)
 POLL_S = 0.05  # between two checks of a condition: short, it only sets how soon a wait notices
 
 T = TypeVar("T")

@@ -19,6 +19,9 @@ mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 start=$(date +%s)
 {
     echo "kernel $kver; modprobe failed for:${modules_failed:- none}"
+    .venv/bin/python -c 'from tcprio.service.live_probe import probe_support as p
+s = p()
+print(f"TCPRIO_LIVE_PROBE_MODE={s.mode} ({s.reason})")'
     timeout "${TCPRIO_VM_PYTEST_TIMEOUT:-3000}" .venv/bin/python -m pytest -p no:cacheprovider \
         -q -rs -o junit_suite_name="tcprio-$kver" --junitxml="$out/junit-$kver.xml" "$@"
 } > "$out/pytest-$kver.log" 2>&1

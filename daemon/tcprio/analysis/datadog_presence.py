@@ -34,7 +34,8 @@ def _attached(hooks: Iterable[HookClassifiers]) -> str | None:
     where = f"{hook.namespace}/{hook.interface} {hook.direction}"
     prio = f" at priority {first.priority}" if first.priority is not None else ""
     why = f" ({first.vendor_evidence})" if first.vendor_evidence else ""
-    return f"{len(found)} Datadog classifier(s) attached, e.g. '{first.name}' on {where}{prio}{why}"
+    count = f"{len(found)} Datadog classifier" + ("" if len(found) == 1 else "s")
+    return f"{count} attached, e.g. '{first.name}' on {where}{prio}{why}"
 
 
 def _off(settings: DatadogSettings) -> str | None:

@@ -96,7 +96,8 @@ def _place_primary_chain(
     why = "is not in a scanned namespace" if not found else "could not be told apart"
     placement.notes.append(
         f"{home.namespace.name}/{primary.name}: the netkit primary chain "
-        f"({len(chain.entries)} program(s)) runs before the ingress hooks of its peer "
+        f"({len(chain.entries)} program{'' if len(chain.entries) == 1 else 's'}) runs before "
+        "the ingress hooks of its peer "
         f"(ifindex {primary.netkit.peer_ifindex}), which {why}: not checked against them"
     )
 

@@ -31,7 +31,7 @@ from tcprio.model import (
 INSPECT = Remedy(
     summary=(
         "tcprio could not prove what this classifier returns: read its exit paths with "
-        "`tcprio --scan --explain`, and ask its vendor whether it returns TC_ACT_UNSPEC for "
+        "`tcprio scan --explain`, and ask its vendor whether it returns TC_ACT_UNSPEC for "
         "packets it accepts; treat it as terminal until then"
     )
 )

@@ -49,7 +49,7 @@ secret or credential, 32/40-hex-digit keys, bearer tokens and URL passwords read
 manifest.json           every file (path, size, collector, command), every collector (ok or
                         its error, duration)
 errors/<collector>.txt  why a collector failed (the bundle is written anyway)
-scan.json, scan.txt     tcprio's scan of the node (the --scan JSON and text report)
+scan.json, scan.txt     tcprio's scan of the node (the scan JSON and the --detail text report)
 namespaces.json         the network namespaces found
 namespaces/<name>/      per namespace: ip link, tc qdisc and filter (-s -d), bpftool net
 bpf/                    bpftool prog show, bpftool link show (text and JSON)

@@ -74,7 +74,7 @@ def scan_collector(ctx: Context) -> Collector:
         assume = bool(getattr(ctx.args, "assume_datadog", False))
         scan = run_scan(discover=discover, settings=ctx.settings(), assume_datadog=assume)
         items = [Item("scan.json", json_bytes(scan_json(scan)))]
-        items.append(Item("scan.txt", render_text(scan, color=False).encode()))
+        items.append(Item("scan.txt", render_text(scan, color=False, detail=True).encode()))
         return items
 
     return Collector("scan", collect)

@@ -139,7 +139,7 @@ def find_system_probes(
         if not named:
             continue
         cmdline = _read_proc_text(proc_dir / "cmdline")
-        if cmdline is None:  # gone meanwhile
+        if not cmdline:  # gone meanwhile, a zombie, or in the middle of an exec: next time
             continue
         found.append(AgentProcess(pid, _split_cmdline(cmdline), exe, proc_dir))
     return found

@@ -159,23 +159,34 @@ def nsfs_device() -> int | None:
     return key[0] if key else None
 
 
+def _distinct_folders(dirs: Iterable[Path]) -> Iterator[tuple[Path, list[str]]]:
+    """Each existing folder of `dirs` with its sorted entries, once per folder: /var/run is
+    usually a link to /run, and its netns folder need not be read twice."""
+    seen: set[tuple[int, int]] = set()
+    for folder in dirs:
+        key = _nsfs_key(folder)
+        if key is None or key in seen:
+            continue
+        seen.add(key)
+        try:
+            yield folder, sorted(os.listdir(folder))
+        except OSError:
+            continue
+
+
 def _named_namespaces(dirs: Iterable[Path]) -> Iterator[NetNamespace]:
     """Bind-mounted namespace files. `ip netns add` creates the file before it mounts the
     namespace on it: a file that is not on nsfs yet is skipped (the next sweep finds it)."""
     nsfs = nsfs_device()
-    for folder in dirs:
+    for folder, entries in _distinct_folders(dirs):
         source = "docker" if "docker" in folder.parts else "named"
-        try:
-            entries = sorted(os.listdir(folder))
-        except OSError:
-            continue
         for entry in entries:
-            path = folder / entry
+            path = f"{folder}/{entry}"
             key = _nsfs_key(path)
             if key is None or (nsfs is not None and key[0] != nsfs):
                 continue
             yield NetNamespace(
-                inode=key[1], dev=key[0], name=entry, path=str(path), source=source, netns=entry
+                inode=key[1], dev=key[0], name=entry, path=path, source=source, netns=entry
             )
 
 
@@ -183,11 +194,7 @@ def unmounted_named_files(dirs: Iterable[Path]) -> list[Path]:
     """Files in the netns folders that are not namespaces yet: `ip netns add` is half-way."""
     nsfs = nsfs_device()
     found = []
-    for folder in dirs:
-        try:
-            entries = sorted(os.listdir(folder))
-        except OSError:
-            continue
+    for folder, entries in _distinct_folders(dirs):
         for entry in entries:
             key = _nsfs_key(folder / entry)
             if key is None or (nsfs is not None and key[0] != nsfs):

@@ -52,7 +52,7 @@ def missing_privileges() -> str | None:
         who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
         return (
             f"running as {who} without {', '.join(missing)}: run tcprio as root with these "
-            "capabilities (e.g. sudo tcprio --scan)"
+            "capabilities (e.g. sudo tcprio scan)"
         )
     bpf_error = _bpf_access_error()
     if bpf_error:

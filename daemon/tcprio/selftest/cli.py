@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -72,11 +73,14 @@ def report_json(report: SelfTestReport) -> dict[str, Any]:
 
 
 def _use_color(choice: str, stream: TextIO) -> bool:
-    return choice == "always" or (choice == "auto" and stream.isatty())
+    auto = stream.isatty() and not os.environ.get("NO_COLOR")
+    return choice == "always" or (choice == "auto" and auto)
 
 
 def _options(args: argparse.Namespace) -> SelfTestOptions:
     files = tuple(Path(f) for f in args.datadog_config) if args.datadog_config else None
+    if getattr(args, "no_datadog_config", False):
+        files = ()
     return SelfTestOptions(
         datadog_files=files,
         scan_processes=not args.no_agent_process,

@@ -40,6 +40,7 @@ from tcprio.model import (
     VerdictClass,
 )
 from tcprio.scan import Scan
+from tcprio.selftest import live_verdicts
 from tcprio.selftest import scene as selftest_scene
 from tcprio.selftest.scene import (
     NODE_ADDR,
@@ -617,8 +618,16 @@ LATER_STEPS = (
     "raises exactly the expected conflicts",
     "real traffic through the scene",
     "sees the observers starved",
+    live_verdicts.STEP,
     "conflicts reach the daemon's /metrics",
 )
+
+
+def _live_step(outcome: live_verdicts.Outcome) -> StepResult:
+    if outcome.ok is None:
+        return StepResult(live_verdicts.STEP, Status.SKIPPED, outcome.summary)
+    status = Status.OK if outcome.ok else Status.FAILED
+    return StepResult(live_verdicts.STEP, status, outcome.summary, outcome.problems)
 
 
 def _scan_scene(scene: Scene, settings: DatadogSettings) -> Scan:
@@ -639,9 +648,12 @@ def _checks(scene: Scene, options: SelfTestOptions, settings: DatadogSettings,
     report.add(check_discovery(scene, scan))
     report.add(check_verdicts(scene, scan))
     report.add(check_conflicts(scene, scan, report.classifier_priority))
-    traffic, evidence = run_traffic(scene, options.packets)
+    (traffic, evidence), live = live_verdicts.counted(
+        scene, lambda: run_traffic(scene, options.packets)
+    )
     report.add(traffic)
     report.add(check_starvation(scene, scan, evidence))
+    report.add(_live_step(live))
     report.add(check_daemon(scene, options, node_settings))
 
 
@@ -721,8 +733,8 @@ def _compile_failure(exc: Exception) -> StepResult:
         )
     elif isinstance(exc, ImportError):
         detail = (
-            f"BCC is not importable ({exc}): install python3-bpfcc (scripts/setup.sh does); "
-            "the self-test cannot run without it, the scan and the daemon can"
+            f"BCC is not importable ({exc}): install python3-bpfcc (`scripts/setup.sh "
+            "runtime` does); the self-test cannot run without it, the scan and the daemon can"
         )
     elif isinstance(exc, selftest_scene.CompileError):
         detail = f"{exc}; the self-test cannot run here (the scan and the daemon do not compile)"

@@ -1,6 +1,7 @@
 """The self-test's end-to-end step: do the scene's conflicts reach a running daemon's /metrics?
 
-The daemon is found among this node's processes (`tcprio` without `--scan` or a subcommand);
+The daemon is found among this node's processes (`tcprio serve`, or the older spelling: `tcprio`
+without `--scan` or another command);
 its address, TLS and basic auth come from its command line and its configuration file (read
 through /proc/<pid>/root, so a daemon in a container is found too). Its /metrics is fetched from
 inside its own network namespace, so `0.0.0.0` means its loopback, whichever namespace it is in.
@@ -25,7 +26,7 @@ from tcprio.kernel.namespaces import entered_path
 from tcprio.service.config import DEFAULT_CONFIG_PATH, ConfigError, DaemonConfig, load_config
 
 FETCH_TIMEOUT_S = 5.0
-NOT_THE_DAEMON = {"--scan", "self-test", "bundle", "--help", "-h", "--version"}
+NOT_THE_DAEMON = {"--scan", "scan", "self-test", "bundle", "--help", "-h", "--version"}
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,15 @@ def daemon_processes(proc: Path = Path("/proc"), exclude: Iterable[int] = ()) ->
             argv = _argv(int(entry.name))
         except OSError:
             continue
-        if _is_tcprio(argv) and not NOT_THE_DAEMON & set(argv):
+        if _is_tcprio(argv) and _serves(argv):
             found.append(int(entry.name))
     return sorted(found)
+
+
+def _serves(argv: list[str]) -> bool:
+    """`tcprio serve ...`, or an older daemon: `tcprio [--config F] ...` (a bare `tcprio`
+    prints its usage and exits now, so a long-lived one is an older daemon)."""
+    return "serve" in argv or not NOT_THE_DAEMON & set(argv)
 
 
 def _argv(pid: int) -> list[str]:

@@ -72,6 +72,9 @@ SETTLE_WINDOW_S = 5.0  # for at most this long after the folder changed
 # nothing else (a verified agent, the files) shows it: long enough to page on a CNI that
 # deleted them, short enough that an uninstalled agent stops the alerts within the hour.
 REMEMBER_DATADOG_S = 3600.0
+# Run counters are read this often at rest, and at the first poll after a scrape (a program
+# each: thousands of syscalls a read on a big node).
+RUN_STATS_INTERVAL_S = 5.0
 
 
 def release_memory() -> None:
@@ -184,6 +187,10 @@ class Daemon(TcxLinks):
         self.history = HookHistory()  # dated tcx attaches and qdisc deletions, per hook
         self.prog_arrays = ProgArrayWatch()
         self.linkless_tcx = LinklessTcxWatch()
+        self.inventory_generation = 0  # bumped whenever a namespace's reading changes
+        self._walked: tuple[frozenset[int], int] | None = None  # (links, generation) last walked
+        self._run_stats_due = 0.0
+        self._scraped = False  # a scrape came since the run counters were last read
         self.probe = ProbeState(False, "none", "live probe not started")
         self.stats_fd: int | None = None
         self.live_probe = None  # a tcprio.live_probe.LiveProbe when the kernel lets it attach
@@ -269,10 +276,15 @@ class Daemon(TcxLinks):
         return counts
 
     def _start_endpoint(self) -> None:
-        render = MetricsRenderer(lambda: self.snapshot)
+        render = MetricsRenderer(self._scraped_snapshot)
         self.endpoint = Endpoint(self.config, render, lambda: self.snapshot.ready, self.healthy)
         self.endpoint.start()
         self.log("info", "serving metrics", address=self.config.listen_address)
+
+    def _scraped_snapshot(self) -> Snapshot:
+        """The snapshot a scrape renders (on the endpoint's thread)."""
+        self._scraped = True
+        return self.snapshot
 
     def healthy(self) -> bool:
         return time.monotonic() - self.heartbeat < STALL_AFTER_S
@@ -451,6 +463,7 @@ class Daemon(TcxLinks):
             self.selector.unregister(watched.exit_watch)
             watched.exit_watch.close()
         self.inventories.pop(key, None)
+        self.inventory_generation += 1
         self.dirty.discard(key)
         self.full_reads.discard(key)
         self.counters.forget(watched.namespace.name)
@@ -568,6 +581,7 @@ class Daemon(TcxLinks):
         self._forget_vanished_interfaces(watched.namespace.name, old, inventory)
         self._start_disappearance_counters(watched.namespace.name, inventory)
         self.inventories[key] = inventory
+        self.inventory_generation += 1
 
     def _note_history(
         self, watched: Watched, old: NamespaceInventory | None, new: NamespaceInventory
@@ -734,11 +748,15 @@ class Daemon(TcxLinks):
             self.history.links_listed(links, time.time())
         if changed:
             self._mark_tcx_hooks(changed)
-        self._mark_tcx_shown_but_gone(links)
-        self._recheck_tcx(changed)
-        self._mark_netkit_namespaces(links)
-        self._mark_xdp_namespaces(links)
-        for key, events in self.linkless_tcx.changed(self.inventories, self.watched).items():
+        if changed or self._walk_needed(links):
+            self._mark_tcx_shown_but_gone(links)
+            self._recheck_tcx(changed)
+            self._mark_netkit_namespaces(links)
+            self._mark_xdp_namespaces(links)
+            self._walked = (links, self.inventory_generation)
+        interval = self.config.tcx_poll_interval
+        for key, events in self.linkless_tcx.changed(self.inventories, self.watched,
+                                                     interval).items():  # fmt: skip
             self.watched[key].pending.extend(events)  # attached without a link: no event
             self._mark_dirty(key)
         changed = self.prog_arrays.changed()
@@ -747,7 +765,22 @@ class Daemon(TcxLinks):
         if changed is not None or other_links:
             # same inventories; the catalogue reads the prog arrays and freplace links afresh
             self.flush()
-        self._refresh_run_stats()
+        now = time.monotonic()
+        if self._scraped or now >= self._run_stats_due:
+            self._scraped = False
+            self._run_stats_due = now + RUN_STATS_INTERVAL_S
+            self._refresh_run_stats()
+
+    def _walk_needed(self, links: frozenset[int]) -> bool:
+        """Whether the readings must be walked for hooks to read again: the link list or a
+        reading changed since the last walk, or a recheck is still running (else the walk
+        would find what the last one found, and marked)."""
+        now = time.monotonic()
+        return (
+            self._walked != (links, self.inventory_generation)
+            or bool(self.tcx_rechecks or self.xdp_rechecks)
+            or any(now <= until for until in self.netkit_links.values())
+        )
 
     def _refresh_run_stats(self) -> None:
         stats: dict[int, RunStats] = {}

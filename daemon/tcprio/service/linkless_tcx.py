@@ -3,13 +3,17 @@
 Such an attach or detach sends no netlink event and makes no link id for the daemon's link
 poll to notice, so the tcx chains themselves are queried (BPF_PROG_QUERY, inside each
 namespace): every poll, the namespaces whose last reading showed a link-less program (their
-detach), and the others in turn, LINKLESS_POLL_NAMESPACES of them a poll (an attach: on a node
-with more namespaces than that, it shows within ceil(namespaces / budget) polls).
+detach); every namespace on the poll that sees a program loaded since the last one and on the
+next (an attach of a new program, the usual case: one syscall a poll tells whether any program
+was loaded); and the others in turn, enough a poll for a round every LINKLESS_ROUND_S and at
+least LINKLESS_MIN_NAMESPACES (an attach of a program loaded long before). Entering a namespace
+costs a few syscalls, so a quiet poll enters only a few of them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Hashable, Mapping
 from typing import Protocol, TypeVar
 
@@ -19,7 +23,9 @@ from tcprio.kernel.tc_inventory import PARENT_BY_DIRECTION
 from tcprio.model import Direction, HookInventory, NamespaceInventory, NetNamespace
 from tcprio.service.watch import TcEvent
 
-LINKLESS_POLL_NAMESPACES = 128
+LINKLESS_ROUND_S = 60.0  # every namespace queried once this often, when nothing was loaded
+LINKLESS_MIN_NAMESPACES = 4  # namespaces queried a poll at least (all of them on a small node)
+NEW_PROGRAM_POLLS = 2  # polls querying every namespace after a program was loaded
 
 Key = TypeVar("Key", bound=Hashable)
 Chain = tuple[tuple[int, int | None], ...]  # (prog id, link id) in execution order
@@ -54,31 +60,73 @@ def changed_hooks(inventory: NamespaceInventory) -> list[tuple[int, Direction]]:
     return changed
 
 
-class LinklessTcxWatch:
-    def __init__(self, budget: int = LINKLESS_POLL_NAMESPACES) -> None:
-        self.budget = budget
-        self.cursor = 0
+def _is_classifier(prog_id: int) -> bool:
+    try:
+        return bpf_syscalls.prog_type(prog_id) == bpf_syscalls.BPF_PROG_TYPE_SCHED_CLS
+    except OSError:
+        return False  # unloaded already: it cannot be attached
 
-    def _chosen(self, inventories: Mapping[Key, NamespaceInventory]) -> list[Key]:
-        """The namespaces to query this poll: those holding a link-less program, then the
-        next `budget` of the others in turn."""
+
+class LinklessTcxWatch:
+    def __init__(
+        self, round_s: float = LINKLESS_ROUND_S, minimum: int = LINKLESS_MIN_NAMESPACES
+    ) -> None:
+        self.round_s = round_s
+        self.minimum = minimum
+        self.cursor = 0
+        self.newest_prog_id: int | None = None  # the newest program id seen loaded
+        self.everywhere = 0  # polls left that query every namespace
+
+    def _programs_loaded(self) -> bool:
+        """Whether a sched_cls program (the only type tcx takes) was loaded since the last
+        poll: one syscall when no program was, two more for each new program. The first poll
+        only notes the newest (the first scan has just read every namespace)."""
+        try:
+            if self.newest_prog_id is None:
+                self.newest_prog_id = max(bpf_syscalls.list_prog_ids(), default=0)
+                return False
+            new = bpf_syscalls.prog_ids_after(self.newest_prog_id)
+        except OSError:
+            return True
+        if not new:
+            return False
+        self.newest_prog_id = new[-1]
+        return any(_is_classifier(prog_id) for prog_id in new)
+
+    def budget(self, namespaces: int, interval: float) -> int:
+        """Namespaces queried a poll for a round every `round_s`."""
+        return max(self.minimum, math.ceil(namespaces * interval / self.round_s))
+
+    def _chosen(self, inventories: Mapping[Key, NamespaceInventory], interval: float) -> list[Key]:
+        """The namespaces to query this poll: those holding a link-less program, every one
+        after a program was loaded, else the next `budget` of the others in turn."""
+        if self._programs_loaded():
+            self.everywhere = NEW_PROGRAM_POLLS
         always = [k for k, inv in inventories.items() if has_linkless(inv)]
-        others = [k for k in inventories if k not in set(always)]
-        if len(others) <= self.budget:
+        chosen = set(always)
+        others = [k for k in inventories if k not in chosen]
+        budget = self.budget(len(others), interval)
+        if self.everywhere:
+            self.everywhere -= 1
+            return always + others
+        if len(others) <= budget:
             return always + others
         start = self.cursor % len(others)
-        self.cursor = start + self.budget
-        turn = (others + others)[start : start + self.budget]
+        self.cursor = start + budget
+        turn = (others + others)[start : start + budget]
         return always + turn
 
     def changed(
-        self, inventories: Mapping[Key, NamespaceInventory], watched: Mapping[Key, HasNamespace]
+        self,
+        inventories: Mapping[Key, NamespaceInventory],
+        watched: Mapping[Key, HasNamespace],
+        interval: float = 1.0,
     ) -> dict[Key, list[TcEvent]]:
         """Per watched namespace, a tcx-change event for each hook whose tcx chain is not what
-        its last reading showed."""
+        its last reading showed (`interval`: seconds between two polls)."""
         found: dict[Key, list[TcEvent]] = {}
         mine = {k: v for k, v in inventories.items() if k in watched}
-        for key in self._chosen(mine):
+        for key in self._chosen(mine, interval):
             with contextlib.suppress(OSError, NamespaceGone), entered(watched[key].namespace):
                 hooks = changed_hooks(mine[key])
                 if hooks:

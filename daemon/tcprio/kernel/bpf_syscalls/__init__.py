@@ -42,6 +42,7 @@ from tcprio.kernel.bpf_syscalls.objects import (
     prog_id_of_fd,
     prog_info,
     prog_info_from_fd,
+    prog_type,
     prog_xlated_bytes,
 )
 from tcprio.kernel.bpf_syscalls.run import (
@@ -92,6 +93,7 @@ from tcprio.kernel.bpf_syscalls.syscall import (
     open_map,
     open_prog,
     prog_fd_by_id,
+    prog_ids_after,
     prog_type_name,
 )
 from tcprio.kernel.bpf_syscalls.tcx import (
@@ -169,11 +171,13 @@ __all__ = [
     "prog_array_set",
     "prog_fd_by_id",
     "prog_id_of_fd",
+    "prog_ids_after",
     "prog_info",
     "prog_info_from_fd",
     "prog_load_raw",
     "prog_load_tracing",
     "prog_test_run",
+    "prog_type",
     "prog_type_name",
     "prog_xlated_bytes",
     "replaced_functions",

@@ -293,6 +293,12 @@ def prog_id_of_fd(fd: int) -> int:
     return _prog_info_struct(fd).id
 
 
+def prog_type(prog_id: int) -> int:
+    """The program's type (BPF_PROG_TYPE_*): two syscalls, no instructions, no BTF."""
+    with open_prog(prog_id) as fd:
+        return _prog_info_struct(fd).type
+
+
 def prog_xlated_bytes(prog_id: int) -> bytes | None:
     """The raw xlated image (what `bpftool prog dump xlated ... file` writes), or None if hidden."""
     with open_prog(prog_id) as fd:

@@ -337,9 +337,9 @@ def open_btf(btf_id: int) -> contextlib.AbstractContextManager[int]:
     return _closing_fd(btf_fd_by_id(btf_id))
 
 
-def _all_ids(cmd: BpfCmd) -> list[int]:
+def _all_ids(cmd: BpfCmd, after: int = 0) -> list[int]:
     ids: list[int] = []
-    attr = _ObjIdAttr(id=0)
+    attr = _ObjIdAttr(id=after)
     while True:
         try:
             bpf(cmd, attr)
@@ -353,6 +353,13 @@ def _all_ids(cmd: BpfCmd) -> list[int]:
 
 def list_prog_ids() -> list[int]:
     return _all_ids(BpfCmd.PROG_GET_NEXT_ID)
+
+
+def prog_ids_after(after: int) -> list[int]:
+    """The ids of the programs loaded after program `after`: the kernel hands out program ids
+    in increasing order (cyclically, past 2**31 only), so with no new program this is one
+    syscall."""
+    return _all_ids(BpfCmd.PROG_GET_NEXT_ID, after)
 
 
 def list_map_ids() -> list[int]:
