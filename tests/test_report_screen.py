@@ -5,7 +5,6 @@ the everyday fix first and disabling last; lines of at most 100 columns."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -45,7 +44,6 @@ def big_node(classifier_programs) -> Iterator[Topology]:
 
 
 def test_two_hundred_pods_fit_on_one_screen(big_node: Topology):
-    started = time.monotonic()
     proc = tcprio(*SCAN, "--netns", big_node.include_glob)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stdout.splitlines()
@@ -76,8 +74,6 @@ def test_two_hundred_pods_fit_on_one_screen(big_node: Topology):
     assert [(g["kind"], g["hooks"]) for g in hidden] == [("hidden", 200)]
     assert "OTHER CLASSIFIERS HIDDEN (200 hooks, 1 cause)" in proc.stdout
     assert proc.stdout.count("systemctl restart datadog-agent") == 1
-    # the kernel scene and both scans: a few seconds, not a minute
-    assert time.monotonic() - started < 60
 
 
 def test_detail_lists_every_interface(big_node: Topology):
