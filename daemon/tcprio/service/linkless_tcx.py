@@ -76,6 +76,8 @@ class LinklessTcxWatch:
         self.cursor = 0
         self.newest_prog_id: int | None = None  # the newest program id seen loaded
         self.everywhere = 0  # polls left that query every namespace
+        # per namespace: the reading last looked at, and whether it shows a link-less program
+        self._linkless: dict[Hashable, tuple[NamespaceInventory, bool]] = {}
 
     def _programs_loaded(self) -> bool:
         """Whether a sched_cls program (the only type tcx takes) was loaded since the last
@@ -93,6 +95,13 @@ class LinklessTcxWatch:
         self.newest_prog_id = new[-1]
         return any(_is_classifier(prog_id) for prog_id in new)
 
+    def _holds_linkless(self, key: Hashable, inventory: NamespaceInventory) -> bool:
+        """has_linkless, walked again only when the namespace was read again."""
+        seen = self._linkless.get(key)
+        if seen is None or seen[0] is not inventory:
+            seen = self._linkless[key] = (inventory, has_linkless(inventory))
+        return seen[1]
+
     def budget(self, namespaces: int, interval: float) -> int:
         """Namespaces queried a poll for a round every `round_s`."""
         return max(self.minimum, math.ceil(namespaces * interval / self.round_s))
@@ -102,7 +111,7 @@ class LinklessTcxWatch:
         after a program was loaded, else the next `budget` of the others in turn."""
         if self._programs_loaded():
             self.everywhere = NEW_PROGRAM_POLLS
-        always = [k for k, inv in inventories.items() if has_linkless(inv)]
+        always = [k for k, inv in inventories.items() if self._holds_linkless(k, inv)]
         chosen = set(always)
         others = [k for k in inventories if k not in chosen]
         budget = self.budget(len(others), interval)
@@ -126,6 +135,8 @@ class LinklessTcxWatch:
         its last reading showed (`interval`: seconds between two polls)."""
         found: dict[Key, list[TcEvent]] = {}
         mine = {k: v for k, v in inventories.items() if k in watched}
+        for gone in self._linkless.keys() - mine.keys():
+            del self._linkless[gone]
         for key in self._chosen(mine, interval):
             with contextlib.suppress(OSError, NamespaceGone), entered(watched[key].namespace):
                 hooks = changed_hooks(mine[key])
