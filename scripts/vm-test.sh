@@ -2,13 +2,15 @@
 # The kernel matrix: boots Debian's 6.1 (no tcx) and 6.12 (tcx) kernels in virtme-ng guests and
 # runs the kernel-dependent tests inside each, as root, against that kernel.
 #
-#   scripts/vm-test.sh [--no-install] [--kernel RELEASE]... [pytest args or test files]
+#   scripts/vm-test.sh [--no-install] [--jobs N] [--kernel RELEASE]... [pytest args or test files]
 #
 # Installs what it needs first (idempotent; apt-get only when something is missing): qemu, the
 # newest Debian 6.1 and 6.12 kernels with their headers, initramfs-tools and busybox-static
 # (the kernel packages want them), and virtme-ng (PyPI) in the dev virtualenv. Results go to
 # $TCPRIO_VM_OUT (default build/vm): junit-RELEASE.xml, pytest-RELEASE.log and vng-RELEASE.log
 # per kernel, and one summary line per kernel on stdout and in summary.txt.
+# The guests run side by side, --jobs at a time (default: as many as there are CPUs, at most one
+# per kernel), sharing the CPUs: a TCG guest runs pytest on one vCPU anyway.
 # Exit status: 0 when every kernel booted and its tests passed; 1 when tests failed; 3 when a
 # guest could not boot or never reported (the summary line says which).
 #
@@ -20,6 +22,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=${TCPRIO_VM_OUT:-$root/build/vm}
 venv=$root/.venv
 install=1
+max_jobs=0
 kernels=()
 pytest_args=()
 
@@ -47,6 +50,7 @@ BLACKLIST+=,intel_rapl_msr,intel_rapl_common,floppy,parport_pc,bochs
 while (($#)); do
     case "$1" in
         --no-install) install=0 ;;
+        --jobs) max_jobs=$2; shift ;;
         --kernel) kernels+=("$2"); shift ;;
         *) pytest_args+=("$1") ;;
     esac
@@ -117,7 +121,7 @@ for suite in ET.parse(junit).getroot().iter("testsuite"):
         totals[key] += int(suite.get(key, 0))
 passed = totals["tests"] - totals["failures"] - totals["errors"] - totals["skipped"]
 text = open(log, errors="replace").read()
-tcx = "no" if "no tcx on this kernel" in text else "yes"
+tcx = "no" if "TCPRIO_TCX=no" in text else "yes" if "TCPRIO_TCX=yes" in text else "unknown"
 modes = sorted(set(re.findall(r"TCPRIO_LIVE_PROBE_MODE=(\S+)", text)))
 print(f"{release}: passed={passed} failed={totals['failures']} errors={totals['errors']} "
       f"skipped={totals['skipped']} in {seconds}s (tcx: {tcx}; "
@@ -131,13 +135,13 @@ run_guest() {
     rm -f "$out/junit-$release.xml" "$out/rc-$release" "$out/pytest-$release.log"
     started=$(date +%s)
     PATH="$venv/bin:$PATH" timeout "${TCPRIO_VM_TIMEOUT:-3600}" "$venv/bin/vng" "${kvm[@]}" \
-        -m "${TCPRIO_VM_MEMORY:-2G}" -r "$image" --rwdir "$out" --cwd "$root" \
+        -m "${TCPRIO_VM_MEMORY:-2G}" -p "$cpus" -r "$image" --rwdir "$out" --cwd "$root" \
         --append "modprobe.blacklist=$BLACKLIST" \
         --exec "TCPRIO_TEST_SLOWDOWN=$slowdown tests/vm/guest.sh $out ${pytest_args[*]}" \
         >"$out/vng-$release.log" 2>&1
     status=$?
     [ -s "$out/rc-$release" ] || status="guest did not boot or never reported, vng status $status"
-    summarize "$release" "$status" "$(($(date +%s) - started))" | tee -a "$out/summary.txt"
+    summarize "$release" "$status" "$(($(date +%s) - started))" >"$out/summary-$release.txt"
 }
 
 mkdir -p "$out"
@@ -151,9 +155,23 @@ if ((install)) && ! install_dependencies "${kernels[@]}"; then
     echo "vm-test: could not install the guests' dependencies" | tee "$out/summary.txt"
     exit 3
 fi
+((max_jobs > 0)) || max_jobs=$(($(nproc) < ${#kernels[@]} ? $(nproc) : ${#kernels[@]}))
+cpus=$(($(nproc) / max_jobs > 0 ? $(nproc) / max_jobs : 1))
+running=0
 for release in "${kernels[@]}"; do
-    run_guest "$release"
+    if ((running >= max_jobs)); then
+        wait -n
+        running=$((running - 1))
+    fi
+    rm -f "$out/summary-$release.txt"
+    run_guest "$release" &
+    running=$((running + 1))
 done
+wait
+for release in "${kernels[@]}"; do
+    cat "$out/summary-$release.txt" 2>/dev/null ||
+        echo "$release: NO RESULTS (the run was cut short)"
+done | tee "$out/summary.txt"
 if grep -q "NO RESULTS" "$out/summary.txt"; then
     exit 3
 fi

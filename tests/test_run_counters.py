@@ -15,7 +15,7 @@ import pytest
 
 from tcprio.kernel import bpf_syscalls
 from tcprio.model import Direction, Severity
-from tests.bpf_programs import ClassifierPrograms, attach_filter
+from tests.bpf_programs import ClassifierPrograms, attach_filter, requires_tcx
 from tests.kernel import TestNetns, add_clsact, netns, veth
 from tests.test_scan_kernel import datadog_settings, scan_only
 from tests.timing import HANG_GUARD_S
@@ -105,6 +105,7 @@ def test_terminal_after_datadog_does_not_starve_it_and_tcprio_agrees(
     assert scan_only({tx.name}, datadog_settings()).result.conflicts == []
 
 
+@requires_tcx
 def test_terminal_tcx_starves_every_clsact_filter_and_tcprio_says_critical(
     pair, classifier_programs: ClassifierPrograms
 ):

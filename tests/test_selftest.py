@@ -143,7 +143,8 @@ def test_text_output_ends_with_the_verdict():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert lines[-1] == "Self test: OK"
     assert any("recommended classifier_priority 3" in line for line in lines)
-    assert sum(1 for line in lines if line.startswith("[ OK ]")) == 9
+    live_step = probe_support().available  # else skipped: the development VM
+    assert sum(1 for line in lines if line.startswith("[ OK ]")) == 9 + live_step
     assert "Traceback" not in proc.stderr
 
 
@@ -274,7 +275,7 @@ def selftest_process(*extra: str) -> Iterator[subprocess.Popen]:
             selftest_scene.delete_namespace(name)
 
 
-def wait_for_scene(proc: subprocess.Popen, timeout_s: float = 60.0) -> list[str]:
+def wait_for_scene(proc: subprocess.Popen, timeout_s: float = guard(60.0)) -> list[str]:
     deadline = time.monotonic() + timeout_s
     mine = f"{selftest_scene.NETNS_PREFIX}{proc.pid}-"
     while time.monotonic() < deadline:
@@ -380,7 +381,8 @@ def test_conflicts_reach_a_running_daemon_found_on_the_node(tmp_path: Path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     line = next(x for x in proc.stdout.splitlines() if "reach the daemon" in x)
     assert line.startswith("[ OK ]")
-    assert f"exported all 3 conflicts at http://127.0.0.1:{port}/metrics" in line
+    conflicts = 2 if tcx_missing() else 3  # the tcx terminal is the third
+    assert f"exported all {conflicts} conflicts at http://127.0.0.1:{port}/metrics" in line
     seconds = float(line.split("seen ")[1].split(" s ")[0])
     # Named namespaces are picked up from events, not the 300 s sweep (about 0.2 s here).
     assert seconds < HANG_GUARD_S, seconds

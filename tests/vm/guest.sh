@@ -22,6 +22,13 @@ start=$(date +%s)
     .venv/bin/python -c 'from tcprio.service.live_probe import probe_support as p
 s = p()
 print(f"TCPRIO_LIVE_PROBE_MODE={s.mode} ({s.reason})")'
+    .venv/bin/python -c 'from tcprio.kernel import bpf_syscalls as b
+from tcprio.model import Direction
+try:
+    b.tcx_query(1, Direction.INGRESS)
+    print("TCPRIO_TCX=yes")
+except b.TcxUnsupported as exc:
+    print(f"TCPRIO_TCX=no ({exc})")'
     timeout "${TCPRIO_VM_PYTEST_TIMEOUT:-3000}" .venv/bin/python -m pytest -p no:cacheprovider \
         -q -rs -o junit_suite_name="tcprio-$kver" --junitxml="$out/junit-$kver.xml" "$@"
 } > "$out/pytest-$kver.log" 2>&1
