@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from tcprio.analysis import semantics, vendors
 from tcprio.analysis.classic_bpf import analyse_classic
@@ -239,57 +240,57 @@ def tcx_verdict(
     return semantics.classify_tcx(analysed.values, analysed.known_values)
 
 
+def _program_classifier(
+    hook: HookKind,
+    prog_id: int,
+    position: int,
+    classify: Callable[..., ClassifierVerdict],
+    verdicts: Mapping[int, ProgramVerdicts],
+    catalogue: ProgramCatalogue,
+    **extra: Any,
+) -> Classifier:
+    """A program that runs on its own (not a tc filter), judged by `classify`."""
+    program = catalogue.programs.get(prog_id)
+    prog_name = display_name(program)
+    vendor, _, evidence = _identity(prog_name, None)
+    analysed = _program_verdicts(prog_id, verdicts, catalogue)
+    verdict = (
+        _unknown(analysed)
+        if isinstance(analysed, str)
+        else classify(analysed.values, analysed.known_values)
+    )
+    return Classifier(
+        hook=hook,
+        position=position,
+        prog_id=prog_id,
+        name=prog_name or f"prog {prog_id}",
+        vendor=vendor,
+        verdict=verdict,
+        vendor_evidence=evidence,
+        **extra,
+    )
+
+
 def netkit_classifier(
     entry: TcxEntry,
     chain: PlacedChain,
     verdicts: Mapping[int, ProgramVerdicts],
     catalogue: ProgramCatalogue,
 ) -> Classifier:
-    program = catalogue.programs.get(entry.prog_id)
-    prog_name = display_name(program)
-    vendor, _, evidence = _identity(prog_name, None)
-    analysed = _program_verdicts(entry.prog_id, verdicts, catalogue)
-    verdict = (
-        _unknown(analysed)
-        if isinstance(analysed, str)
-        else semantics.classify_netkit(analysed.values, analysed.known_values)
-    )
-    return Classifier(
-        hook=HookKind.NETKIT,
-        position=entry.position,
-        prog_id=entry.prog_id,
-        name=prog_name or f"prog {entry.prog_id}",
-        vendor=vendor,
-        verdict=verdict,
-        link_id=entry.link_id,
-        vendor_evidence=evidence,
-        netkit_chain=chain.label,
-    )
+    return _program_classifier(
+        HookKind.NETKIT, entry.prog_id, entry.position, semantics.classify_netkit, verdicts,
+        catalogue, link_id=entry.link_id, netkit_chain=chain.label,
+    )  # fmt: skip
 
 
 def xdp_classifier(
     entry: XdpProgram, verdicts: Mapping[int, ProgramVerdicts], catalogue: ProgramCatalogue
 ) -> Classifier:
     """A device's XDP program, as the first classifier of its ingress hook."""
-    program = catalogue.programs.get(entry.prog_id)
-    prog_name = display_name(program)
-    vendor, _, evidence = _identity(prog_name, None)
-    analysed = _program_verdicts(entry.prog_id, verdicts, catalogue)
-    verdict = (
-        _unknown(analysed)
-        if isinstance(analysed, str)
-        else semantics.classify_xdp(analysed.values, analysed.known_values)
-    )
-    return Classifier(
-        hook=HookKind.XDP,
-        position=entry.position,
-        prog_id=entry.prog_id,
-        name=prog_name or f"prog {entry.prog_id}",
-        vendor=vendor,
-        verdict=verdict,
-        vendor_evidence=evidence,
-        xdp_mode=entry.mode,
-    )
+    return _program_classifier(
+        HookKind.XDP, entry.prog_id, entry.position, semantics.classify_xdp, verdicts,
+        catalogue, xdp_mode=entry.mode,
+    )  # fmt: skip
 
 
 def _identity(prog_name: str | None, filter_name: str | None) -> tuple[str | None, bool, str]:
