@@ -647,7 +647,7 @@ def test_the_daemon_keeps_its_last_good_state_through_bad_reloads(tmp_path, clas
         attach_filter(ns, "b0", Direction.EGRESS, 10, "classifier_egress",
                       filter_name="classifier/egress_1_2")  # fmt: skip
         attach_filter(ns, "b0", Direction.EGRESS, 1, "term_ok")
-        where = {"namespace": ns.name, "interface": "b0", "direction": "egress"}
+        where = {"netns": ns.name, "interface": "b0", "direction": "egress"}
         before = running.wait_for(
             "the critical conflict",
             lambda s: find(s, "tcprio_conflict", **where, severity="critical") == [1.0],

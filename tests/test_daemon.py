@@ -49,6 +49,8 @@ datadog:
   scan_processes: false
 live_probe: {live_probe}
 log_level: {log_level}
+metrics:
+  full_inventory: {full_inventory}
 """
 
 
@@ -106,11 +108,14 @@ def find(samples: Samples, name: str, **labels: str) -> list[float]:
 
 def write_config(
     path: Path, port: int, live_probe: str = "false", log_level: str = "info", resync: int = 30,
-    extra: str = "",
+    extra: str = "", full_inventory: bool = True,
 ):  # fmt: skip
+    """Most daemon tests read the per-classifier inventory (`metrics.full_inventory`); the
+    bounded default has tests of its own (tests/test_bounded_metrics.py, the alerts')."""
     # only this test process's namespaces: another run on the machine must not leak in
     text = CONFIG.format(
-        port=port, live_probe=live_probe, log_level=log_level, pid=os.getpid(), resync=resync
+        port=port, live_probe=live_probe, log_level=log_level, pid=os.getpid(), resync=resync,
+        full_inventory=str(full_inventory).lower(),
     )
     path.write_text(text + extra)
 
@@ -124,12 +129,14 @@ def daemon(
     ready_guard_s: float = HANG_GUARD_S,
     extra_config: str = "",
     live_probe: str = "false",
+    full_inventory: bool = True,
 ) -> Iterator[RunningDaemon]:
     """A daemon on this test's namespaces, once ready; `while_waiting` runs at each check
     until then; `env` is added to its environment; `extra_config` to its configuration."""
     port = free_port()
     config = tmp_path / "tcprio.yaml"
-    write_config(config, port, live_probe=live_probe, resync=resync, extra=extra_config)
+    write_config(config, port, live_probe=live_probe, resync=resync, extra=extra_config,
+                 full_inventory=full_inventory)
     stderr = tmp_path / "daemon.log"
     with open(stderr, "w") as err:
         proc = subprocess.Popen(
@@ -170,7 +177,7 @@ def running(tmp_path, classifier_programs) -> Iterator[RunningDaemon]:
 
 
 def hook_labels(ns: TestNetns, ifname: str, direction: Direction) -> dict[str, str]:
-    return {"namespace": ns.name, "interface": ifname, "direction": str(direction)}
+    return {"netns": ns.name, "interface": ifname, "direction": str(direction)}
 
 
 def test_endpoints_answer(running: RunningDaemon):
@@ -215,7 +222,7 @@ def test_classifier_and_conflict_changes_show_within_the_bound(running: RunningD
         )
     running.wait_for(
         "every series of the deleted namespace gone",
-        lambda s: not any(dict(ls).get("namespace") == ns.name for (_, ls) in s),
+        lambda s: not any(dict(ls).get("netns") == ns.name for (_, ls) in s),
     )
 
 
@@ -323,7 +330,7 @@ def test_live_verdicts_equal_run_counters_on_real_traffic(tmp_path, classifier_p
         names = [hook[4] for hook in LIVE_SCENE]
         running.wait_for(
             "the scene's classifiers",
-            lambda s: len(find(s, "tcprio_classifier_info", namespace=tx.name)) == 2,
+            lambda s: len(find(s, "tcprio_classifier_info", netns=tx.name)) == 2,
         )
         runs_before = {name: run_count(classifier_programs, name) for name in names}
         seen_before = {name: classifier_programs.seen(name) for name in names}
@@ -480,15 +487,15 @@ def test_a_pod_is_named_once_its_sandbox_shows_and_versions_are_exported(
         add_clsact(ns, "e0")
         attach_filter(ns, "e0", E, 1, "term_ok")
         running.wait_for(
-            "the raw name", lambda s: find(s, "tcprio_classifier_info", namespace=ns.name)
+            "the raw name", lambda s: find(s, "tcprio_classifier_info", netns=ns.name)
         )
         uid = str(uuid.uuid4())
         sandbox = scene.containerd_sandbox("shop", pod, uid, f"/run/netns/{ns.name}")
         running.wait_for(
             "the pod's name only",
             lambda s: (
-                find(s, "tcprio_classifier_info", namespace=f"pod:shop/{pod}")
-                and not find(s, "tcprio_classifier_info", namespace=ns.name)
+                find(s, "tcprio_classifier_info", netns=f"pod:shop/{pod}")
+                and not find(s, "tcprio_classifier_info", netns=ns.name)
             ),
         )
         assert '"msg": "namespace renamed"' in running.log()

@@ -147,7 +147,7 @@ def test_the_daemon_answers_while_it_analyses_costly_programs(tmp_path: Path) ->
     classes = {
         dict(labels)["prog_id"]: dict(labels)["verdict_class"]
         for (name, labels), _ in samples.items()
-        if name == "tcprio_classifier_info" and dict(labels).get("namespace") == ns.name
+        if name == "tcprio_classifier_info" and dict(labels).get("netns") == ns.name
     }
     assert sorted(classes) == sorted(str(i) for i in prog_ids)
     assert set(classes.values()) == {"unknown"}, classes

@@ -361,7 +361,7 @@ def test_the_replaced_classifier_starves_the_next_one_and_the_scan_says_terminal
 def _daemon_verdict(running, ns: TestNetns) -> str | None:
     for (name, labels), _ in running.metrics().items():
         found = dict(labels)
-        if name == "tcprio_classifier_info" and found.get("namespace") == ns.name:
+        if name == "tcprio_classifier_info" and found.get("netns") == ns.name:
             return found["verdict_class"]
     return None
 

@@ -124,7 +124,7 @@ def test_prometheus_fires_the_critical_alert_when_a_terminal_classifier_takes_pr
     tmp_path, classifier_programs
 ):
     with (
-        daemon(tmp_path) as running,
+        daemon(tmp_path, full_inventory=False) as running,  # the default, bounded metrics
         prometheus(tmp_path, running.port) as prom,
         netns("d-prom") as ns,
     ):
@@ -133,7 +133,7 @@ def test_prometheus_fires_the_critical_alert_when_a_terminal_classifier_takes_pr
         attach_filter(ns, "x0", E, 10, "classifier_egress")
         # No alert while Datadog's classifier is alone: checked once the rules have run twice
         # (enough for a `for: 1s` alert to fire) on a scrape that has the classifier.
-        classifier = f'tcprio_classifier_info{{namespace="{ns.name}",interface="x0"}}'
+        classifier = 'tcprio_classifiers{datadog="true"} > 0'
         scraped = wait_until(
             lambda: scraped_at(prom, classifier), "the classifier scraped", PROMETHEUS_GUARD_S
         )
@@ -146,13 +146,16 @@ def test_prometheus_fires_the_critical_alert_when_a_terminal_classifier_takes_pr
             PROMETHEUS_GUARD_S,
             poll_s=0.5,
         )
-    labels = alerts[0]["labels"]
-    assert labels["namespace"] == ns.name and labels["interface"] == "x0"
-    assert labels["direction"] == "egress"
+    assert len(alerts) == 1  # one per node
+    assert alerts[0]["labels"]["instance"] == f"127.0.0.1:{running.port}"
+    description = alerts[0]["annotations"]["description"]
+    assert description.startswith("term_ok at clsact priority 1, on 1 egress hook(s).")
+    assert f"x0 egress in {ns.name}" in description  # the per-hook detail, through `query`
 
 
-def test_metrics_pass_promtool_check_metrics(tmp_path, classifier_programs):
-    with daemon(tmp_path) as running, netns("d-lint") as ns:
+@pytest.mark.parametrize("full_inventory", [False, True], ids=["bounded", "full"])
+def test_metrics_pass_promtool_check_metrics(tmp_path, classifier_programs, full_inventory):
+    with daemon(tmp_path, full_inventory=full_inventory) as running, netns("d-lint") as ns:
         veth_in_one(ns, "l0", "l1")
         add_clsact(ns, "l0")
         attach_filter(ns, "l0", E, 5, "term_shot")

@@ -33,7 +33,7 @@ from tcprio.model import (
 )
 from tcprio.report import render_text, scan_json
 from tcprio.scan import Scan
-from tcprio.service.config import config_from_mapping
+from tcprio.service.config import MetricsConfig, config_from_mapping
 from tcprio.service.metrics import MetricsRenderer
 from tcprio.service.snapshot import Snapshot
 from tests.test_conflicts import TERMINAL, TRANSPARENT, UNKNOWN, clsact, datadog, tcx
@@ -420,11 +420,14 @@ def test_metrics_count_them_by_hook_kind_and_vendors():
     by_kind = {(s.labels["kind"], s.labels["hidden_vendor"]): s.value for s in samples}
     assert by_kind == {("policy_bypass", "Cilium"): 2, ("hidden", ""): 1}
     assert {s.labels["blocker_vendor"] for s in samples} == {"Retina"}
+    # bounded by default: no per-hook labels, whatever the number of pods
     assert set(samples[0].labels) == {
-        "namespace", "interface", "direction", "kind", "severity", "hidden_vendor",
-        "blocker_vendor",
+        "direction", "kind", "severity", "hidden_vendor", "blocker_vendor",
     }  # fmt: skip
     assert families["tcprio_shadowed_classifiers"].type == "gauge"
+    full = MetricsRenderer(lambda: snap, lambda: MetricsConfig(full_inventory=True))()
+    detail = {f.name: f for f in text_string_to_metric_families(full.decode())}
+    assert {"netns", "interface"} <= set(detail["tcprio_shadowed_classifiers"].samples[0].labels)
 
 
 def test_no_series_when_nothing_is_hidden():

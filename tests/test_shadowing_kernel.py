@@ -231,7 +231,7 @@ def test_the_daemon_exports_them_and_takes_its_observers_from_its_configuration(
         attach(ns, 1, programs, "host_egress_filter", TC_ACT_OK, ifname="s0")
         attach(ns, 2, programs, "cil_to_container", TC_ACT_SHOT, ifname="s0")
         attach(ns, 3, programs, "my_tap_egress", TC_ACT_UNSPEC, ifname="s0")
-        where = {"namespace": ns.name, "interface": "s0", "direction": "egress"}
+        where = {"netns": ns.name, "interface": "s0", "direction": "egress"}
         name = "tcprio_shadowed_classifiers"
         running.wait_for(
             "the policy bypass and the unnamed classifier hidden",

@@ -168,20 +168,25 @@ def fetch_metrics(target: DaemonTarget) -> str:
         return fetch()
 
 
-ConflictKey = tuple[str, str, str, str, str]  # namespace, interface, direction, severity, prog id
+ConflictKey = tuple[str, str, str, str, str]  # netns, interface, direction, severity, prog tag
 
 
-def conflicts_in(metrics_text: str, namespaces: set[str]) -> set[ConflictKey]:
-    found = set()
+def conflicts_in(metrics_text: str, namespaces: set[str]) -> tuple[set[ConflictKey], int]:
+    """The conflicts shown for `namespaces`, and how many conflict series the daemon left out
+    (metrics.max_hook_series)."""
+    found, omitted = set(), 0
     for family in text_string_to_metric_families(metrics_text):
+        if family.name == "tcprio_metrics_omitted_series":
+            omitted = int(sum(s.value for s in family.samples
+                              if s.labels.get("family") == "tcprio_conflict"))  # fmt: skip
         if family.name != "tcprio_conflict":
             continue
         for sample in family.samples:
             labels = sample.labels
-            if labels.get("namespace") in namespaces and sample.value == 1:
-                found.add((labels["namespace"], labels["interface"], labels["direction"],
-                           labels["severity"], labels.get("blocker_prog_id", "")))  # fmt: skip
-    return found
+            if labels.get("netns") in namespaces and sample.value == 1:
+                found.add((labels["netns"], labels["interface"], labels["direction"],
+                           labels["severity"], labels.get("blocker_tag", "")))  # fmt: skip
+    return found, omitted
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,7 @@ class Propagation:
     seen: set[ConflictKey]
     seconds: float
     error: str = ""
+    omitted: int = 0  # conflict series the daemon left out of /metrics
 
 
 def wait_for_conflicts(
@@ -203,13 +209,13 @@ def wait_for_conflicts(
     started = time.monotonic() if since is None else since
     polling_since = time.monotonic()
     seen: set[ConflictKey] = set()
-    error = ""
+    error, omitted = "", 0
     while True:
         try:
-            seen, error = conflicts_in(fetch_metrics(target), namespaces), ""
+            (seen, omitted), error = conflicts_in(fetch_metrics(target), namespaces), ""
         except (OSError, urllib.error.URLError, ValueError) as exc:
             error = f"{target.url}: {exc}"
         elapsed = time.monotonic() - started
         if seen == want or time.monotonic() - polling_since > timeout_s:
-            return Propagation(seen, elapsed, error)
+            return Propagation(seen, elapsed, error, omitted)
         time.sleep(0.2)

@@ -61,6 +61,14 @@ class BasicAuth:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """How much /metrics says: bounded by default (series independent of the pod count)."""
+
+    full_inventory: bool = False  # every classifier and per-hook counters, uncapped
+    max_hook_series: int = 20  # per-hook detail series (conflicts, starved, missing) each
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     listen_host: str = "0.0.0.0"
     listen_port: int = 9842
@@ -81,6 +89,7 @@ class DaemonConfig:
     log_level: str = "info"
     # Where containerd and CRI-O keep their OCI bundles: pods' names, products' versions
     container_roots: ContainerRoots = DEFAULT_ROOTS
+    metrics: MetricsConfig = MetricsConfig()
     source: str = "defaults"
 
     @property
@@ -297,6 +306,17 @@ def _namespaces(c: _Checker, data: Mapping) -> tuple[tuple[str, ...], tuple[str,
     return c.string_list(section, "include", ("*",)), c.string_list(section, "exclude", ())
 
 
+def _metrics(c: _Checker, data: Mapping) -> MetricsConfig:
+    section = c.mapping(data, "metrics") or {}
+    c.unknown_keys(section, {"full_inventory", "max_hook_series"}, "metrics.")
+    full = c.boolean(section, "full_inventory", False)
+    cap = section.get("max_hook_series", MetricsConfig.max_hook_series)
+    if isinstance(cap, bool) or not isinstance(cap, int) or not 0 <= cap <= 100_000:
+        c.problem("metrics.max_hook_series", cap, "an integer in 0..100000")
+        cap = MetricsConfig.max_hook_series
+    return MetricsConfig(full_inventory=full, max_hook_series=cap)
+
+
 def _log_level(c: _Checker, data: Mapping) -> str:
     value = data.get("log_level", "info")
     if value not in LOG_LEVELS:
@@ -308,7 +328,7 @@ def _log_level(c: _Checker, data: Mapping) -> str:
 TOP_LEVEL_KEYS = {
     "listen_address", "resync_interval_seconds", "proc_sweep_interval_seconds",
     "tcx_poll_interval_seconds", "debounce_seconds", "datadog", "namespaces", "observers",
-    "tls", "basic_auth", "live_probe", "log_level", "containers",
+    "tls", "basic_auth", "live_probe", "log_level", "containers", "metrics",
 }  # fmt: skip
 
 
@@ -336,6 +356,7 @@ def config_from_mapping(data: Mapping[str, Any], origin: str) -> DaemonConfig:
         live_probe=c.boolean(data, "live_probe", True),
         log_level=_log_level(c, data),
         container_roots=_container_roots(c, data),
+        metrics=_metrics(c, data),
         source=origin,
     )
     if c.problems:

@@ -276,7 +276,7 @@ class Daemon(TcxLinks):
         return counts
 
     def _start_endpoint(self) -> None:
-        render = MetricsRenderer(self._scraped_snapshot)
+        render = MetricsRenderer(self._scraped_snapshot, lambda: self.config.metrics)
         self.endpoint = Endpoint(self.config, render, lambda: self.snapshot.ready, self.healthy)
         self.endpoint.start()
         self.log("info", "serving metrics", address=self.config.listen_address)

@@ -1,0 +1,90 @@
+"""/metrics is bounded by default: the same series at 50 and at 200 pods.
+
+The node of bench/topology.py (two conflicts per pod: a CNI-like terminal classifier at
+priority 1 before a Datadog-like one at 10, both directions; tcx programs on a quarter of the
+pods), watched by the real daemon. Series are counted on one scrape once the daemon has
+analysed every namespace: a deterministic count, not a timing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.topology import Topology
+from tests.test_daemon import RunningDaemon, daemon, find
+from tests.timing import wait_until
+
+# Building 200 pods and analysing them takes about 10 s here; the hang guard is 10x that.
+ANALYSIS_GUARD_S = 120.0
+_topologies = 0
+
+
+def _tag() -> str:
+    """A topology tag the test daemon's namespace filter (`tcpriot-d*<pid>-*`) lets in."""
+    global _topologies
+    _topologies += 1
+    return f"tcpriot-dbm{os.getpid()}-{_topologies}"
+
+
+Scrape = tuple[Counter[str], dict]  # samples by family; the samples
+
+
+def scrape_once_analysed(running: RunningDaemon, namespaces: int, pods: int) -> Scrape:
+    """One scrape, once every namespace is watched and every pod's two conflicts are
+    counted: its number of samples by family, and the samples."""
+
+    def analysed() -> Scrape | None:
+        status, text = running.get("/metrics")
+        assert status == 200
+        families = list(text_string_to_metric_families(text))
+        samples = {(s.name, frozenset(s.labels.items())): s.value
+                   for f in families for s in f.samples}  # fmt: skip
+        conflicts = sum(find(samples, "tcprio_conflicts"))
+        if find(samples, "tcprio_namespaces_watched") != [namespaces] or conflicts < 2 * pods:
+            return None
+        return Counter({f.name: len(f.samples) for f in families}), samples
+
+    return wait_until(analysed, f"{pods} pods never analysed", ANALYSIS_GUARD_S, poll_s=0.5)
+
+
+@pytest.fixture(scope="module")
+def counted(tmp_path_factory, classifier_programs) -> dict[int, Scrape]:
+    counts = {}
+    for pods in (50, 200):
+        with Topology(pods, seed=1, tag=_tag()) as topo, daemon(
+            tmp_path_factory.mktemp(f"bounded{pods}"), full_inventory=False,
+            ready_guard_s=ANALYSIS_GUARD_S,
+        ) as running:  # fmt: skip
+            counts[pods] = scrape_once_analysed(running, len(topo.namespaces), pods)
+    return counts
+
+
+def test_the_series_count_at_200_pods_is_within_10_percent_of_50(counted):
+    (families_50, _), (families_200, _) = counted[50], counted[200]
+    at_50, at_200 = sum(families_50.values()), sum(families_200.values())
+    assert abs(at_200 - at_50) / at_50 < 0.10, (at_50, at_200, families_200 - families_50)
+
+
+def test_per_hook_detail_is_capped_and_the_rest_counted(counted):
+    families, samples = counted[200]
+    assert families["tcprio_conflict"] == 20  # metrics.max_hook_series, the default
+    assert "tcprio_classifier_info" not in families  # full_inventory only
+    conflicts = sum(find(samples, "tcprio_conflicts"))
+    assert conflicts == 400  # two per pod, all counted
+    assert find(samples, "tcprio_metrics_omitted_series", family="tcprio_conflict") == [380]
+    # the blocking programs, aggregated: every conflict is on one of their hooks
+    assert sum(find(samples, "tcprio_conflict_blockers")) == conflicts
+
+
+def test_full_inventory_lists_every_classifier(tmp_path, classifier_programs):
+    with Topology(10, seed=1, tag=_tag()) as topo, daemon(tmp_path) as running:
+        families, samples = scrape_once_analysed(running, len(topo.namespaces), 10)
+    assert families["tcprio_conflict"] == 20  # every conflict: two per pod, no cap
+    assert find(samples, "tcprio_metrics_omitted_series", family="tcprio_conflict") == [0]
+    # one series per classifier, and the counts by hook kind agree with them
+    assert families["tcprio_classifier_info"] == sum(find(samples, "tcprio_classifiers"))
+    assert families["tcprio_classifier_info"] >= 4 * 10  # two on each side of every veth
