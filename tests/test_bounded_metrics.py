@@ -15,8 +15,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.topology import Topology
+from tcprio.analysis.churn import Change
+from tcprio.model import Direction
+from tcprio.service.metrics import MonotonicSums
+from tcprio.service.snapshot import CHURN_WINDOW_S, Counters
+from tests.bpf_programs import attach_filter
+from tests.kernel import add_clsact, netns, veth_in_one
 from tests.test_daemon import RunningDaemon, daemon, find
 from tests.timing import wait_until
+
+E = Direction.EGRESS
 
 # Building 200 pods and analysing them takes about 10 s here; the hang guard is 10x that.
 ANALYSIS_GUARD_S = 120.0
@@ -88,3 +96,75 @@ def test_full_inventory_lists_every_classifier(tmp_path, classifier_programs):
     # one series per classifier, and the counts by hook kind agree with them
     assert families["tcprio_classifier_info"] == sum(find(samples, "tcprio_classifiers"))
     assert families["tcprio_classifier_info"] >= 4 * 10  # two on each side of every veth
+
+
+def test_bounded_problem_series_on_a_replacement_and_churn(tmp_path, classifier_programs):
+    """Cilium <= 1.9's race (Datadog's `prio 1 handle 1` replaced), then a filter re-added
+    over and over: per hook only what is wrong, the counters by direction."""
+    with daemon(tmp_path, full_inventory=False) as running, netns("d-bchurn") as ns:
+        veth_in_one(ns, "c0", "c1")
+        add_clsact(ns, "c0")
+        attach_filter(ns, "c0", E, 1, "classifier_egress", handle=1,
+                      filter_name="classifier/egress_1_2")  # fmt: skip
+        attach_filter(ns, "c0", E, 3, "pass_unspec", handle=1)
+        running.wait_for(
+            "both classifiers",
+            lambda s: sum(find(s, "tcprio_classifiers", direction="egress")) == 2,
+        )
+        attach_filter(ns, "c0", E, 1, "term_ok", handle=1, replace=True)
+        where = {"netns": ns.name, "interface": "c0", "direction": "egress"}
+        samples = running.wait_for(
+            "Datadog's classifier missing, the replacement counted",
+            lambda s: (
+                find(s, "tcprio_datadog_classifier_missing", **where) == [1.0]
+                and find(s, "tcprio_hooks_churning", direction="egress",
+                         cause="replacement") == [1.0]
+            ),
+        )  # fmt: skip
+        assert find(samples, "tcprio_filter_replacements_total", direction="egress") == [1.0]
+        assert find(samples, "tcprio_datadog_classifier_disappearances_total") == [1.0]
+        assert find(samples, "tcprio_hooks_churning", cause="add_delete") == [0.0, 0.0]
+        def egress_classifiers(n: int):  # each change seen before the next (no coalescing)
+            return lambda s: sum(find(s, "tcprio_classifiers", direction="egress")) == n
+
+        for _ in range(3):  # six adds and deletes: more than 4 in the window
+            attach_filter(ns, "c0", E, 7, "pass_unspec", handle=7)
+            running.wait_for("the filter added", egress_classifiers(3))
+            ns.tc("filter", "del", "dev", "c0", "egress", "prio", "7")
+            running.wait_for("the filter deleted", egress_classifiers(2))
+        samples = running.wait_for(
+            "the hook churning",
+            lambda s: find(s, "tcprio_hooks_churning", direction="egress",
+                           cause="add_delete") == [1.0],
+        )  # fmt: skip
+        assert not any("interface" in dict(labels) for (name, labels) in samples
+                       if name.startswith("tcprio_filter_"))  # fmt: skip
+        # Datadog's classifier comes back: nothing missing any more
+        attach_filter(ns, "c0", E, 10, "classifier_egress", filter_name="classifier/egress_1_2")
+        running.wait_for(
+            "Datadog's classifier back",
+            lambda s: find(s, "tcprio_datadog_classifier_missing", **where) == [],
+        )
+
+
+def test_monotonic_sums_survive_members_that_come_and_go():
+    sums = MonotonicSums()
+    sums.update({1: 10, 2: 5}, lambda p: ("a",))
+    assert sums.totals == {("a",): 15}
+    sums.update({1: 12}, lambda p: ("a",))  # program 2 unloaded: its 5 runs stay counted
+    assert sums.totals == {("a",): 17}
+    sums.update({1: 3, 3: 4}, lambda p: ("a",))  # id 1 reset (reloaded), 3 is new
+    assert sums.totals == {("a",): 24}
+
+
+def test_the_churn_window_forgets_old_changes():
+    counters = Counters()
+    change = Change("add", "ns", "c0", Direction.EGRESS, 7, 7)
+    for second in range(4):
+        counters.count_change(change, now=float(second))
+    assert counters.churning_hooks(now=10.0) == {}  # 4 changes: not more than 4
+    counters.count_change(change, now=10.0)
+    assert counters.churning_hooks(now=10.0) == {("egress", "add_delete"): 1}
+    assert counters.churning_hooks(now=10.0 + CHURN_WINDOW_S - 1) == {}  # the first 4 left
+    assert counters.changes_by_direction == {("egress", "add"): 5}
+    assert counters.filter_changes == {("ns", "c0", "egress", 7, "add"): 5}

@@ -625,9 +625,9 @@ class Daemon(TcxLinks):
             if direction is None or ifname is None:
                 continue
             change = "add" if event.kind == "filter-add" else "delete"
-            key = (watched.namespace.name, ifname, direction, event.priority, change)
-            self.counters.filter_changes[key] += 1
-            self.log("debug", f"filter-{change}", namespace=key[0], interface=ifname,
+            hook = (watched.namespace.name, ifname, direction)
+            self.counters.count_filter_event(hook, event.priority, change)
+            self.log("debug", f"filter-{change}", namespace=hook[0], interface=ifname,
                      direction=direction, priority=event.priority, handle=event.handle)  # fmt: skip
         watched.pending.clear()
 

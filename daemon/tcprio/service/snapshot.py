@@ -38,15 +38,27 @@ class Counters:
     disappearances_by_direction: Counter[str] = field(default_factory=Counter)
     recent: deque[RecentChange] = field(default_factory=lambda: deque(maxlen=MAX_RECENT_CHANGES))
 
-    def count_change(self, change: Change, now: float | None = None) -> None:
-        hook = (change.namespace, change.interface, str(change.direction))
+    def count_filter_event(
+        self, hook: HookKey, priority: int, change: str, now: float | None = None
+    ) -> None:
+        """A filter added or deleted (`change`), as its netlink event said."""
+        when = self._now(now)
+        self.filter_changes[(*hook, priority, change)] += 1
+        self.changes_by_direction[(hook[2], change)] += 1
+        self.recent.append((when, hook, "add_delete"))
+
+    def _now(self, now: float | None) -> float:
+        """The time of a change, after forgetting the changes older than the window."""
         when = time.monotonic() if now is None else now
         while self.recent and self.recent[0][0] < when - CHURN_WINDOW_S:
             self.recent.popleft()
+        return when
+
+    def count_change(self, change: Change, now: float | None = None) -> None:
+        hook = (change.namespace, change.interface, str(change.direction))
+        when = self._now(now)
         if change.kind in ("add", "delete"):
-            self.filter_changes[(*hook, change.priority, change.kind)] += 1
-            self.changes_by_direction[(hook[2], change.kind)] += 1
-            self.recent.append((when, hook, "add_delete"))
+            self.count_filter_event(hook, change.priority, change.kind, when)
         elif change.kind == "replace":
             self.replacements[(*hook, change.priority)] += 1
             self.replacements_by_direction[hook[2]] += 1
