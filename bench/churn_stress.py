@@ -93,6 +93,8 @@ datadog:
   config_files: []
   scan_processes: false
 live_probe: false
+metrics:
+  full_inventory: true  # the per-hook series this bench reads
 log_level: info
 """
 
@@ -487,12 +489,15 @@ def _s(value: object) -> str:
     return "" if value is None else str(value)
 
 
-def classifier_labels(ns: str, iface: str, direction: str, c: dict) -> dict[str, str]:
+def classifier_labels(
+    ns: str, iface: str, direction: str, c: dict, tags: dict[str, str]
+) -> dict[str, str]:
     return {
-        "namespace": ns, "interface": iface, "direction": direction, "hook": c["hook"],
+        "netns": ns, "interface": iface, "direction": direction, "hook": c["hook"],
         "priority": _s(c["priority"]),
         "handle": "" if c["handle"] is None else f"{c['handle']:#x}",
         "kind": c["kind"], "prog_id": _s(c["prog_id"]), "prog_name": c["name"],
+        "prog_tag": tags.get(_s(c["prog_id"]), ""),
         "vendor": c["vendor"] or "", "verdict_class": c["verdict_class"],
         "datadog": "true" if c["is_datadog"] else "false",
     }  # fmt: skip
@@ -501,18 +506,20 @@ def classifier_labels(ns: str, iface: str, direction: str, c: dict) -> dict[str,
 def scan_series(doc: dict) -> Series:
     """The same series, built from a `tcprio --scan --format json` document."""
     series: Series = Counter()
+    tags = {pid: p["tag"] for pid, p in doc["programs"].items()}
     for ns in doc["namespaces"]:
         for iface in ns["interfaces"]:
             for hook in iface["hooks"]:
                 for c in hook["classifiers"]:
-                    labels = classifier_labels(ns["name"], iface["name"], hook["direction"], c)
+                    labels = classifier_labels(ns["name"], iface["name"], hook["direction"], c,
+                                               tags)  # fmt: skip
                     series[("tcprio_classifier_info", frozenset(labels.items()), 1.0)] += 1
     for c in doc["conflicts"]:
         b = c["blocker"]
         labels = {
-            "namespace": c["namespace"], "interface": c["interface"],
+            "netns": c["namespace"], "interface": c["interface"],
             "direction": c["direction"], "severity": c["severity"], "hook": b["hook"],
-            "blocker": b["name"], "blocker_prog_id": _s(b["prog_id"]),
+            "blocker": b["name"], "blocker_tag": tags.get(_s(b["prog_id"]), ""),
             "blocker_priority": _s(b["priority"]), "blocker_vendor": b["vendor"] or "",
             "datadog_priority": _s(c["datadog_priority"]),
         }  # fmt: skip
@@ -537,7 +544,7 @@ def fresh_scan(glob: str) -> dict:
 def series_of_namespaces(text: str, prefix: str) -> list[str]:
     """Every series line that names one of this run's namespaces."""
     return [line for line in text.splitlines()
-            if not line.startswith("#") and f'namespace="{prefix}' in line]  # fmt: skip
+            if not line.startswith("#") and f'netns="{prefix}' in line]  # fmt: skip
 
 
 def counter_values(text: str, name: str) -> dict[str, float]:
@@ -592,13 +599,13 @@ def warm_up(daemon: Daemon, tag: str) -> None:
         churner.bpf_set(ns, veth)
         churner.u32_add(ns, veth)
         churner.tcx_attach(ns, veth)
-        wait_for(lambda: f'namespace="{name}"' in daemon.metrics(), 15)
+        wait_for(lambda: f'netns="{name}"' in daemon.metrics(), 15)
     finally:
         ipr.close()
         subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
         for v in ns.veths.values():
             churner._close_links(v)
-    wait_for(lambda: f'namespace="{name}"' not in daemon.metrics(), 15)
+    wait_for(lambda: f'netns="{name}"' not in daemon.metrics(), 15)
     for _ in range(20):
         daemon.get("/metrics")
 

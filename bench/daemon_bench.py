@@ -71,6 +71,8 @@ datadog:
   config_files: []
   scan_processes: false
 live_probe: false
+metrics:
+  full_inventory: true  # the per-hook series this bench reads
 log_level: info
 """
 
@@ -125,7 +127,7 @@ def interfaces_with_bench_filter(text: str, namespace: str) -> set[str]:
     for line in text.splitlines():
         if line.startswith("tcprio_classifier_info{") and f'priority="{BENCH_PRIO}"' in line:
             labels = labels_of(line)
-            if (labels.get("namespace"), labels.get("direction"), labels.get("hook")) == (
+            if (labels.get("netns"), labels.get("direction"), labels.get("hook")) == (
                 namespace, DIRECTION, "clsact"
             ):  # fmt: skip
                 found.add(labels["interface"])
@@ -136,7 +138,7 @@ def bench_filter_changes(text: str, namespace: str) -> float:
     """The daemon's count of the benchmark's adds and deletes (tcprio_filter_changes_total)."""
     total = 0.0
     for line in text.splitlines():
-        if (line.startswith("tcprio_filter_changes_total{") and f'namespace="{namespace}"' in line
+        if (line.startswith("tcprio_filter_changes_total{") and f'netns="{namespace}"' in line
                 and f'priority="{BENCH_PRIO}"' in line):  # fmt: skip
             total += float(line.rsplit(" ", 1)[1])
     return total

@@ -140,6 +140,7 @@ CONFLICT_LABELS = [
     "blocker_vendor", "blocker_priority", "datadog_priority",
 ]  # fmt: skip
 BLOCKER_LABELS = ["severity", "hook", "direction", "blocker", "blocker_vendor", "blocker_priority"]
+# prog_name as the classifier is named in tcprio_conflict's `blocker` (join on both)
 PROGRAM_INFO_LABELS = ["prog_name", "prog_tag", "vendor", "verdict_class"]
 
 
@@ -153,7 +154,7 @@ def _conflict_order(c: Conflict) -> tuple:
 def _conflict_values(view: View, c: Conflict) -> list[str]:
     programs, blocker = view.snap.programs, c.blocker
     return [c.namespace, c.interface, str(c.direction), str(c.severity), str(blocker.hook),
-            _program_name(programs, blocker), _program_tag(programs, blocker.prog_id),
+            blocker.name, _program_tag(programs, blocker.prog_id),
             blocker.vendor or "", _text(blocker.priority), str(c.datadog_priority)]  # fmt: skip
 
 
@@ -216,7 +217,7 @@ def _program_info(view: View, named: Iterable[Classifier]) -> Iterator[Metric]:
         tag = _program_tag(snap.programs, c.prog_id)
         if not tag:
             continue
-        key = (_program_name(snap.programs, c), tag, c.vendor or "", str(c.verdict.verdict_class))
+        key = (c.name, tag, c.vendor or "", str(c.verdict.verdict_class))
         if key not in seen:
             seen.add(key)
             info.add_metric(list(key), 1)
