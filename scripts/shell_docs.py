@@ -44,7 +44,7 @@ def bash_completion() -> str:
             f"        {name})\n"
             f"            case \"$prev\" in\n"
             + "".join(c + "\n" for c in choices)
-            + "            --config | --output | --datadog-config) "
+            + "            --config | --output | --datadog-config | --web.config.file) "
             "COMPREPLY=($(compgen -f -- \"$cur\")); return ;;\n"
             "            esac\n"
             f"            COMPREPLY=($(compgen -W '{words}' -- \"$cur\")) ;;\n"

@@ -83,10 +83,13 @@ def test_basic_auth_lets_no_request_without_the_right_credentials_through(serve)
         {"Authorization": "Bearer s3cret"},
         {"Authorization": "Basic " + base64.b64encode(b"nocolon").decode()},
     ):
-        for path in ("/metrics", "/healthz", "/readyz"):
+        for path in ("/metrics", "/", "/other"):
             status, body = get(url + path, headers)
             assert status == 401, (headers, path)
             assert "tcprio_" not in body
+        # the probes tell nothing and a kubelet has no credentials: they answer anyway
+        assert get(url + "/healthz", headers) == (200, "ok\n")
+        assert get(url + "/readyz", headers) == (200, "ready\n")
     status, body = get(url + "/metrics", basic("prom", "s3cret"))
     assert status == 200 and "tcprio_build_info" in body
 

@@ -274,22 +274,25 @@ def test_a_dripping_client_is_cut_at_the_request_deadline(serve, monkeypatch):
     healthz_seconds(port)
 
 
-def test_connections_beyond_the_cap_are_closed_at_once(serve, monkeypatch):
+def test_connections_beyond_the_cap_get_no_thread(serve, monkeypatch):
+    """Beyond the cap a connection waits in the triage, without a thread of its own: a probe
+    is answered there, anything else (the loopback reserve being off here) gets 503."""
     monkeypatch.setattr(endpoint_module, "MAX_CONNECTIONS", 5)
+    monkeypatch.setattr(endpoint_module, "RESERVE_THREADS", 0)
     port = serve(DaemonConfig())
+    threads = threading.active_count()
     held = [socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD_S) for _ in range(5)]
     try:
         for s in held:
             s.sendall(b"GET /met")  # each holds a slot, waiting for the rest
         # No wait needed: the server accepts connections in order and takes a slot for each
         # before it accepts the next, so the five hold every slot when the sixth comes.
-        with socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD_S) as extra:
-            extra.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
-            try:
-                reply = extra.recv(1024)
-            except ConnectionResetError:
-                reply = b""
-        assert reply == b""  # closed without an answer: no sixth thread
+        reply = raw(port, b"GET /healthz HTTP/1.1\r\n\r\n")
+        assert statuses(reply) == [200] and reply.endswith(b"\r\n\r\nok\n")
+        assert b"Connection: close" in reply
+        reply = raw(port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert statuses(reply) == [503] and b"tcprio_" not in reply
+        assert threading.active_count() <= threads + 5  # no sixth thread
     finally:
         for s in held:
             s.close()
@@ -391,12 +394,16 @@ def test_basic_auth_guards_every_method_path_and_spelling(serve):
         {"X-Authorization": f"Basic {TOKEN}"},
     ]
     paths = ["/metrics", "/metrics/", "/METRICS", "/metrics?x=1", "//metrics", "/./metrics",
-             "/healthz", "/readyz", "/", "http://127.0.0.1/metrics", "/%6detrics"]  # fmt: skip
+             "/", "http://127.0.0.1/metrics", "/%6detrics", "/healthz/", "/HEALTHZ"]  # fmt: skip
     for method in ("GET", "HEAD"):
         for path in paths:
             for headers in bad_headers:
                 status, body = get(port, path, method, headers)
                 assert status == 401 and b"tcprio_" not in body, (method, path, headers)
+        # the probes (exactly these paths) need no credentials: a kubelet probe has none
+        for path in ("/healthz", "/readyz", "/healthz?x=1"):
+            status, body = get(port, path, method, {})
+            assert status == 200 and b"tcprio_" not in body, (method, path)
     for method in ("POST", "PUT", "DELETE", "PATCH"):
         status, body = get(port, "/metrics", method, {})
         assert status >= 400 and b"tcprio_" not in body

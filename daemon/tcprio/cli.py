@@ -43,7 +43,11 @@ detection is active (its classifiers attached, or a verified system-probe runnin
 SERVE_EXAMPLES = """\
 examples:
   tcprio serve                                   # /etc/tcprio/tcprio.yaml, or built-in defaults
-  tcprio serve --config /etc/tcprio/tcprio.yaml --listen-address 127.0.0.1:9877
+  tcprio serve --config /etc/tcprio/tcprio.yaml --web.listen-address 127.0.0.1:9877
+  tcprio serve --web.config.file /etc/tcprio/web-config.yml --log.format logfmt
+
+/healthz and /readyz answer without credentials (for kubelet probes); the telemetry path and /
+need them when the web config file has basic_auth_users.
 
 exit status: 0 stopped by SIGTERM/SIGINT, 3 could not start, 64 usage error."""
 
@@ -201,9 +205,40 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "if that one is absent; a FILE given here must exist)",
     )
     p.add_argument(
+        "--web.listen-address",
+        dest="web_listen_address",
+        metavar="HOST:PORT",
+        help="where to serve the metrics, /healthz and /readyz (default 0.0.0.0:9842)",
+    )
+    p.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        metavar="FILE",
+        help="TLS, client certificates and basic auth users, in the Prometheus exporter-toolkit "
+        "web config format",
+    )
+    p.add_argument(
+        "--web.telemetry-path",
+        dest="web_telemetry_path",
+        metavar="PATH",
+        help="where the metrics are served (default /metrics)",
+    )
+    p.add_argument(
+        "--log.level",
+        dest="log_level",
+        choices=("debug", "info", "warn", "error"),
+        help="the least severe event logged (default info)",
+    )
+    p.add_argument(
+        "--log.format",
+        dest="log_format",
+        choices=("logfmt", "json"),
+        help="one line per event on stderr (default json)",
+    )
+    p.add_argument(
         "--listen-address",
         metavar="HOST:PORT",
-        help="where to serve /metrics, /healthz and /readyz (overrides the file)",
+        help="deprecated spelling of --web.listen-address, read for one more release",
     )
 
 
@@ -468,11 +503,21 @@ def run_scan_command(args: argparse.Namespace) -> int:
 
 def run_serve_command(args: argparse.Namespace) -> int:
     _explicit_file("--config", args.config)
+    _explicit_file("--web.config.file", args.web_config_file)
     if _refused("tcprio"):
         return EXIT_FAILED
+    from tcprio.service.config import Overrides
     from tcprio.service.daemon import run_daemon
 
-    return run_daemon(Path(args.config or DEFAULT_CONFIG_PATH), args.listen_address)
+    overrides = Overrides(
+        listen_address=args.web_listen_address,
+        legacy_listen_address=args.listen_address,
+        web_config_file=args.web_config_file,
+        telemetry_path=args.web_telemetry_path,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
+    return run_daemon(Path(args.config or DEFAULT_CONFIG_PATH), overrides)
 
 
 def run_bundle_command(args: argparse.Namespace) -> int:

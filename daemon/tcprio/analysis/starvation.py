@@ -80,40 +80,62 @@ def _before_datadog(hook: HookReport, datadog: Classifier) -> list[Classifier]:
     return list(ordered[: ordered.index(datadog)])
 
 
-def _hook_starvation(
-    hook: HookReport, attached: Counter[int], samples: Samples, min_window_s: float
-) -> Starvation | None:
-    datadog = [c for c in hook.classifiers if c.is_datadog and c.prog_id is not None]
-    if len(datadog) != 1 or attached[datadog[0].prog_id] != 1:
-        return None
-    if _runs(samples, datadog[0].prog_id, min_window_s) != 0:
+@dataclass(frozen=True)
+class Candidate:
+    """A hook whose counters can show starvation: one Datadog classifier, its program attached
+    to this hook alone, and the classifiers before it whose programs are attached here alone
+    (another's counter would mix in other hooks' packets)."""
+
+    hook: HookKey
+    datadog: Classifier
+    before: tuple[Classifier, ...]
+
+
+def candidates(result: ScanResult) -> tuple[Candidate, ...]:
+    """The hooks of `result` where run counters can tell: they change only with the result, so
+    the daemon computes them once per analysis, not at every reading of the counters."""
+    attached = _attachments(result)
+    found = []
+    for hook in result.hooks:
+        datadog = [c for c in hook.classifiers if c.is_datadog and c.prog_id is not None]
+        if len(datadog) != 1 or attached[datadog[0].prog_id] != 1:
+            continue
+        before = tuple(
+            c for c in _before_datadog(hook, datadog[0])
+            if c.prog_id is not None and attached[c.prog_id] == 1
+        )  # fmt: skip
+        if before:
+            where = (hook.namespace, hook.interface, str(hook.direction))
+            found.append(Candidate(where, datadog[0], before))
+    return tuple(found)
+
+
+def _starvation(found: Candidate, samples: Samples, min_window_s: float) -> Starvation | None:
+    if _runs(samples, found.datadog.prog_id, min_window_s) != 0:  # type: ignore[arg-type]
         return None
     busy = []
-    for c in _before_datadog(hook, datadog[0]):
-        if c.prog_id is None or attached[c.prog_id] != 1:
-            continue  # its counter would mix in other hooks' packets
-        runs = _runs(samples, c.prog_id, min_window_s) or 0
+    for c in found.before:
+        runs = _runs(samples, c.prog_id, min_window_s) or 0  # type: ignore[arg-type]
         if runs > 0:
             busy.append((c, runs))
-    if not busy:
-        return None
-    where = (hook.namespace, hook.interface, str(hook.direction))
-    return Starvation(where, datadog[0], tuple(busy))
+    return Starvation(found.hook, found.datadog, tuple(busy)) if busy else None
 
 
 def starvations(
-    result: ScanResult, samples: Samples, min_window_s: float = MIN_WINDOW_S
+    result: ScanResult,
+    samples: Samples,
+    min_window_s: float = MIN_WINDOW_S,
+    among: Sequence[Candidate] | None = None,
 ) -> Iterator[Starvation]:
     """Hooks where a classifier before Datadog's ran and Datadog's did not, over at least
     `min_window_s` (the daemon waits for MIN_WINDOW_S of evidence; the self-test sends its own
-    traffic)."""
+    traffic). `among`: `candidates(result)`, when the caller keeps them."""
     if len(samples) < 2:
         return
-    attached = _attachments(result)
-    for hook in result.hooks:
-        found = _hook_starvation(hook, attached, samples, min_window_s)
-        if found is not None:
-            yield found
+    for found in candidates(result) if among is None else among:
+        starved = _starvation(found, samples, min_window_s)
+        if starved is not None:
+            yield starved
 
 
 def starved_hooks(

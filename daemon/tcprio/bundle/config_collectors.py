@@ -45,6 +45,10 @@ def _daemon_config_json(config: Any) -> dict[str, Any]:
     document = dataclasses.asdict(config)
     if document.get("basic_auth"):
         document["basic_auth"]["password"] = MASK  # read from password_file: never included
+    if document.get("web") and document["web"].get("basic_auth_users"):  # bcrypt hashes
+        document["web"]["basic_auth_users"] = [
+            [user, MASK] for user, _ in document["web"]["basic_auth_users"]
+        ]
     return document
 
 

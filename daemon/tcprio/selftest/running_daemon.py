@@ -102,15 +102,19 @@ def target_of(pid: int) -> DaemonTarget:
     """Where daemon `pid` serves /metrics; ConfigError when its configuration cannot be read."""
     argv = _argv(pid)
     config = _config_of(pid, argv)
-    listen = _option(argv, "--listen-address")
-    if listen:
-        from tcprio.service.config import with_overrides
+    from tcprio.service.config import Overrides, with_overrides
 
-        config = with_overrides(config, listen)
+    flags = Overrides(
+        listen_address=_option(argv, "--web.listen-address"),
+        legacy_listen_address=_option(argv, "--listen-address"),
+        web_config_file=_option(argv, "--web.config.file"),
+        telemetry_path=_option(argv, "--web.telemetry-path"),
+    )
+    config = with_overrides(config, flags)
     host = _connect_host(config.listen_host)
-    scheme = "https" if config.tls else "http"
+    scheme = "https" if config.serves_tls else "http"
     host_part = f"[{host}]" if ":" in host else host
-    url = f"{scheme}://{host_part}:{config.listen_port}/metrics"
+    url = f"{scheme}://{host_part}:{config.listen_port}{config.telemetry_path}"
     return DaemonTarget(pid, url, f"/proc/{pid}/ns/net", config)
 
 

@@ -16,9 +16,13 @@ from tcprio.analysis.shadowing import ObserverRule
 from tcprio.inputs import ConfigReadError, brief, label_of, load_yaml
 from tcprio.kernel.containers import DEFAULT_ROOTS, ContainerRoots
 from tcprio.kernel.files import read_bytes_checked
+from tcprio.service.web_config import WebConfig, WebConfigError, load_web_config
 
 DEFAULT_CONFIG_PATH = Path("/etc/tcprio/tcprio.yaml")
 DEFAULT_LISTEN = "0.0.0.0:9842"
+DEFAULT_TELEMETRY_PATH = "/metrics"
+PROBE_PATHS = ("/healthz", "/readyz")  # answered without credentials (kubelet probes)
+LOG_FORMATS = ("json", "logfmt")
 MAX_CONFIG_BYTES = 1 << 20
 DEFAULT_DATADOG_FILES = (
     "/etc/datadog-agent/system-probe.yaml",
@@ -87,6 +91,13 @@ class DaemonConfig:
     basic_auth: BasicAuth | None = None
     live_probe: bool = True
     log_level: str = "info"
+    log_format: str = "json"  # or logfmt, as the Prometheus exporters write
+    # --web.config.file / web.config_file: TLS, client CA, bcrypt users, headers (checked)
+    web_config_file: Path | None = None
+    web: WebConfig | None = None
+    telemetry_path: str = DEFAULT_TELEMETRY_PATH
+    # One line for each deprecated key or flag in use: logged at start and at each reload
+    deprecations: tuple[str, ...] = ()
     # Where containerd and CRI-O keep their OCI bundles: pods' names, products' versions
     container_roots: ContainerRoots = DEFAULT_ROOTS
     metrics: MetricsConfig = MetricsConfig()
@@ -101,6 +112,10 @@ class DaemonConfig:
         host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
         return f"{host}:{self.listen_port}"
 
+    @property
+    def serves_tls(self) -> bool:
+        return self.tls is not None or (self.web is not None and self.web.tls is not None)
+
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -111,6 +126,10 @@ class _Checker:
     def __init__(self, origin: str) -> None:
         self.origin = origin
         self.problems: list[str] = []
+        self.deprecations: list[str] = []
+
+    def deprecated(self, key: str, instead: str) -> None:
+        self.deprecations.append(deprecation(f"{self.origin}: {key}", instead))
 
     def problem(self, key: str, value: object, allowed: str) -> None:
         """One line: the value bounded (80 characters, however big or deep) and escaped."""
@@ -171,13 +190,84 @@ def parse_listen_address(text: object) -> tuple[str, int] | None:
     return host, int(port)
 
 
-def _listen(c: _Checker, data: Mapping) -> tuple[str, int]:
-    value = data.get("listen_address", DEFAULT_LISTEN)
-    parsed = parse_listen_address(value)
+def deprecation(what: str, instead: str) -> str:
+    return f"{what} is deprecated and goes in the next release: use {instead}"
+
+
+def _listen(c: _Checker, data: Mapping, web: Mapping) -> tuple[str, int]:
+    key = "web.listen_address"
+    if "listen_address" in data:  # the older key, still read for one release
+        key = "listen_address"
+        c.deprecated(key, "web.listen_address (or --web.listen-address)")
+        if "listen_address" in web:
+            c.problems.append(f"{c.origin}: listen_address: set web.listen_address only")
+    value = data["listen_address"] if key == "listen_address" else web.get("listen_address")
+    parsed = parse_listen_address(DEFAULT_LISTEN if value is None else value)
     if parsed is None:
-        c.problem("listen_address", value, "HOST:PORT with a port in 1..65535")
+        c.problem(key, value, "HOST:PORT with a port in 1..65535")
         return parse_listen_address(DEFAULT_LISTEN)  # type: ignore[return-value]
     return parsed
+
+
+def telemetry_path_problem(value: object) -> str | None:
+    """What is wrong with a telemetry path (None when it does): a path of its own."""
+    ok = (
+        isinstance(value, str) and value.startswith("/") and len(value) <= 200
+        and value.isprintable() and not any(c in value for c in " ?#%")
+        and value not in ("/", *PROBE_PATHS)
+    )  # fmt: skip
+    return None if ok else "a path like /metrics (not /, /healthz or /readyz)"
+
+
+def _telemetry_path(c: _Checker, web: Mapping) -> str:
+    value = web.get("telemetry_path", DEFAULT_TELEMETRY_PATH)
+    problem = telemetry_path_problem(value)
+    if problem is not None:
+        c.problem("web.telemetry_path", value, problem)
+        return DEFAULT_TELEMETRY_PATH
+    return value
+
+
+def read_web_config(value: object, key: str) -> tuple[Path, WebConfig]:
+    """The web config file a key or flag names, checked; ConfigError naming `key`."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ConfigError([f"{key}: {brief(value)} is not a file path"])
+    try:
+        return Path(value), load_web_config(Path(value))
+    except WebConfigError as exc:
+        raise ConfigError(exc.problems) from None
+
+
+def _web_config(c: _Checker, web: Mapping) -> tuple[Path | None, WebConfig | None]:
+    if web.get("config_file") is None:
+        return None, None
+    try:
+        return read_web_config(web["config_file"], f"{c.origin}: web.config_file")
+    except ConfigError as exc:
+        c.problems.extend(exc.problems)
+        return None, None
+
+
+def _legacy_security(
+    c: _Checker, data: Mapping, web_config: bool
+) -> tuple[TlsConfig | None, BasicAuth | None]:
+    """The deprecated tls: and basic_auth: keys, read for one release."""
+    for key, instead in (("tls", "tls_server_config"), ("basic_auth", "basic_auth_users")):
+        if key not in data:
+            continue
+        c.deprecated(key, f"{instead} in a web config file (web.config_file, --web.config.file)")
+        if web_config:
+            c.problems.append(f"{c.origin}: {key}: cannot go with web.config_file: move it "
+                              f"into the web config file's {instead}")  # fmt: skip
+    return _tls(c, data), _basic_auth(c, data)
+
+
+def _log_format(c: _Checker, data: Mapping) -> str:
+    value = data.get("log_format", "json")
+    if value not in LOG_FORMATS:
+        c.problem("log_format", value, f"one of {', '.join(LOG_FORMATS)}")
+        return "json"
+    return value
 
 
 def _observer(c: _Checker, index: int, entry: object) -> Observer | None:
@@ -319,6 +409,8 @@ def _metrics(c: _Checker, data: Mapping) -> MetricsConfig:
 
 def _log_level(c: _Checker, data: Mapping) -> str:
     value = data.get("log_level", "info")
+    if value == "warn":  # the exporters' spelling (--log.level warn)
+        return "warning"
     if value not in LOG_LEVELS:
         c.problem("log_level", value, f"one of {', '.join(LOG_LEVELS)}")
         return "info"
@@ -328,14 +420,20 @@ def _log_level(c: _Checker, data: Mapping) -> str:
 TOP_LEVEL_KEYS = {
     "listen_address", "resync_interval_seconds", "proc_sweep_interval_seconds",
     "tcx_poll_interval_seconds", "debounce_seconds", "datadog", "namespaces", "observers",
-    "tls", "basic_auth", "live_probe", "log_level", "containers", "metrics",
+    "tls", "basic_auth", "live_probe", "log_level", "containers", "metrics", "web",
+    "log_format",
 }  # fmt: skip
+WEB_KEYS = {"listen_address", "config_file", "telemetry_path"}
 
 
 def config_from_mapping(data: Mapping[str, Any], origin: str) -> DaemonConfig:
     c = _Checker(origin)
     c.unknown_keys(data, TOP_LEVEL_KEYS)
-    host, port = _listen(c, data)
+    web = c.mapping(data, "web") or {}
+    c.unknown_keys(web, WEB_KEYS, "web.")
+    host, port = _listen(c, data, web)
+    web_config_file, web_config = _web_config(c, web)
+    tls, basic_auth = _legacy_security(c, data, web_config_file is not None)
     datadog_files, scan_processes, assume_datadog = _datadog(c, data)
     include, exclude = _namespaces(c, data)
     config = DaemonConfig(
@@ -351,10 +449,15 @@ def config_from_mapping(data: Mapping[str, Any], origin: str) -> DaemonConfig:
         include_namespaces=include,
         exclude_namespaces=exclude,
         observers=_observers(c, data),
-        tls=_tls(c, data),
-        basic_auth=_basic_auth(c, data),
+        tls=tls,
+        basic_auth=basic_auth,
         live_probe=c.boolean(data, "live_probe", True),
         log_level=_log_level(c, data),
+        log_format=_log_format(c, data),
+        web_config_file=web_config_file,
+        web=web_config,
+        telemetry_path=_telemetry_path(c, web),
+        deprecations=tuple(c.deprecations),
         container_roots=_container_roots(c, data),
         metrics=_metrics(c, data),
         source=origin,
@@ -429,13 +532,57 @@ def load_config(path: Path, missing_ok: bool = False, root: Path | None = None) 
         raise ConfigError([f"{origin}: cannot be checked: {brief(str(exc))}"]) from None
 
 
-def with_overrides(config: DaemonConfig, listen_address: str | None) -> DaemonConfig:
-    """Command-line flags win over the file."""
-    if listen_address is None:
-        return config
-    parsed = parse_listen_address(listen_address)
-    if parsed is None:
-        raise ConfigError(
-            [f"--listen-address: '{listen_address}' is not HOST:PORT with a port in 1..65535"]
-        )
-    return replace(config, listen_host=parsed[0], listen_port=parsed[1])
+@dataclass(frozen=True)
+class Overrides:
+    """`tcprio serve`'s flags: each one given wins over the file."""
+
+    listen_address: str | None = None  # --web.listen-address
+    legacy_listen_address: str | None = None  # --listen-address, deprecated
+    web_config_file: str | None = None  # --web.config.file
+    telemetry_path: str | None = None  # --web.telemetry-path
+    log_level: str | None = None  # --log.level: debug, info, warn, error
+    log_format: str | None = None  # --log.format: logfmt, json
+
+
+def _listen_flag(overrides: Overrides) -> tuple[str, str | None, list[str]]:
+    if overrides.legacy_listen_address is None:
+        return "--web.listen-address", overrides.listen_address, []
+    if overrides.listen_address is not None:
+        raise ConfigError(["--listen-address: give --web.listen-address only"])
+    note = deprecation("--listen-address", "--web.listen-address")
+    return "--listen-address", overrides.legacy_listen_address, [note]
+
+
+def _web_flag(config: DaemonConfig, path: str) -> DaemonConfig:
+    if config.tls is not None or config.basic_auth is not None:
+        raise ConfigError([f"--web.config.file: cannot go with {config.source}'s tls: and "
+                           "basic_auth: keys: move them into the web config file"])  # fmt: skip
+    web_config_file, web = read_web_config(path, "--web.config.file")
+    return replace(config, web_config_file=web_config_file, web=web)
+
+
+def with_overrides(config: DaemonConfig, overrides: Overrides | str | None) -> DaemonConfig:
+    """Command-line flags win over the file (a string: the deprecated --listen-address)."""
+    if not isinstance(overrides, Overrides):
+        overrides = Overrides(legacy_listen_address=overrides)
+    flag, listen_address, notes = _listen_flag(overrides)
+    if listen_address is not None:
+        parsed = parse_listen_address(listen_address)
+        if parsed is None:
+            raise ConfigError([f"{flag}: {brief(listen_address)} is not HOST:PORT with a port "
+                               "in 1..65535"])  # fmt: skip
+        config = replace(config, listen_host=parsed[0], listen_port=parsed[1])
+    if overrides.web_config_file is not None:
+        config = _web_flag(config, overrides.web_config_file)
+    if overrides.telemetry_path is not None:
+        problem = telemetry_path_problem(overrides.telemetry_path)
+        if problem is not None:
+            raise ConfigError([f"--web.telemetry-path: {brief(overrides.telemetry_path)} is "
+                               f"not {problem}"])  # fmt: skip
+        config = replace(config, telemetry_path=overrides.telemetry_path)
+    if overrides.log_level is not None:
+        level = "warning" if overrides.log_level == "warn" else overrides.log_level
+        config = replace(config, log_level=level)
+    if overrides.log_format is not None:
+        config = replace(config, log_format=overrides.log_format)
+    return replace(config, deprecations=config.deprecations + tuple(notes))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import json
 import math
 import os
 import platform
@@ -26,7 +25,7 @@ from pathlib import Path
 from tcprio.analysis import vendors
 from tcprio.analysis.churn import diff_inventories
 from tcprio.analysis.semantics import action_name
-from tcprio.analysis.starvation import starvations
+from tcprio.analysis.starvation import Candidate, candidates, starvations
 from tcprio.datadog import resolve_settings
 from tcprio.kernel import bpf_syscalls
 from tcprio.kernel.containers import read_containers
@@ -52,10 +51,17 @@ from tcprio.model import (
 from tcprio.scan import ProgramCache, analyse_node, attached_program_ids, inventory_errors
 from tcprio.service import sd_notify
 from tcprio.service.background import BackgroundAnalysis, Finished
-from tcprio.service.config import ConfigError, DaemonConfig, load_config, with_overrides
+from tcprio.service.config import (
+    ConfigError,
+    DaemonConfig,
+    Overrides,
+    load_config,
+    with_overrides,
+)
 from tcprio.service.endpoint import Endpoint
 from tcprio.service.hook_history import HookHistory, Removals, removals
 from tcprio.service.linkless_tcx import LinklessTcxWatch
+from tcprio.service.logs import Log  # one line per event: json or logfmt, journald priorities
 from tcprio.service.metrics import MetricsRenderer
 from tcprio.service.prog_arrays import ProgArrayWatch
 from tcprio.service.snapshot import Counters, LiveKey, ProbeState, Snapshot
@@ -115,21 +121,6 @@ def hooks_to_refresh(
     return targets
 
 
-class Log:
-    """One JSON object per line on stderr: the journal keeps them, jq reads them."""
-
-    LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
-
-    def __init__(self, level: str = "info") -> None:
-        self.threshold = self.LEVELS[level]
-
-    def __call__(self, level: str, message: str, **fields: object) -> None:
-        if self.LEVELS[level] < self.threshold:
-            return
-        record = {"ts": round(time.time(), 3), "level": level, "msg": message, **fields}
-        print(json.dumps(record, default=str), file=sys.stderr, flush=True)
-
-
 @dataclass
 class Watched:
     """A namespace the daemon holds a netlink socket in."""
@@ -150,11 +141,11 @@ def selected(namespaces: Iterable[NetNamespace], config: DaemonConfig) -> list[N
 
 
 class Daemon(TcxLinks):
-    def __init__(self, config: DaemonConfig, config_path: Path, listen_override: str | None):
+    def __init__(self, config: DaemonConfig, config_path: Path, overrides: Overrides):
         self.config = config
         self.config_path = config_path
-        self.listen_override = listen_override
-        self.log = Log(config.log_level)
+        self.overrides = overrides
+        self.log = Log(config.log_level, config.log_format)
         self.kernel = platform.release()
         self.selector = selectors.DefaultSelector()
         self.watched: dict[NsKey, Watched] = {}
@@ -184,6 +175,7 @@ class Daemon(TcxLinks):
         self.xdp_unlinked: set[tuple[NsKey, int, int]] = set()  # XDP programs without a link
         self.run_history: list[tuple[float, dict[int, RunStats]]] = []
         self.starved: frozenset[HookKey] = frozenset()  # as last logged
+        self._starvation_candidates: tuple[ScanResult | None, tuple[Candidate, ...]] = (None, ())
         self.history = HookHistory()  # dated tcx attaches and qdisc deletions, per hook
         self.prog_arrays = ProgArrayWatch()
         self.linkless_tcx = LinklessTcxWatch()
@@ -279,7 +271,12 @@ class Daemon(TcxLinks):
         render = MetricsRenderer(self._scraped_snapshot, lambda: self.config.metrics)
         self.endpoint = Endpoint(self.config, render, lambda: self.snapshot.ready, self.healthy)
         self.endpoint.start()
-        self.log("info", "serving metrics", address=self.config.listen_address)
+        self.log("info", "serving metrics", address=self.config.listen_address,
+                 telemetry_path=self.config.telemetry_path, tls=self.config.serves_tls)  # fmt: skip
+
+    def _log_deprecations(self) -> None:
+        for line in self.config.deprecations:
+            self.log("warning", "deprecated", detail=line)
 
     def _scraped_snapshot(self) -> Snapshot:
         """The snapshot a scrape renders (on the endpoint's thread)."""
@@ -290,6 +287,7 @@ class Daemon(TcxLinks):
         return time.monotonic() - self.heartbeat < STALL_AFTER_S
 
     def run(self) -> int:
+        self._log_deprecations()
         self._install_signals()
         self._start_stats()
         self._start_probe()
@@ -803,11 +801,17 @@ class Daemon(TcxLinks):
     def _starved(self, result: ScanResult) -> frozenset[HookKey]:
         """The starved hooks; a hook that becomes starved is logged with the classifiers
         before Datadog's that ran (whatever their verdict class), one that recovers too."""
-        found = {s.hook: s for s in starvations(result, self.run_history)}
+        if self._starvation_candidates[0] is not result:  # once per analysis, not per reading
+            self._starvation_candidates = (result, candidates(result))
+        among = self._starvation_candidates[1]
+        found = {s.hook: s for s in starvations(result, self.run_history, among=among)}
         for hook in sorted(found.keys() - self.starved):
             self.log("warning", "datadog-starved", **found[hook].as_log())
-        present = {(h.namespace, h.interface, str(h.direction)) for h in result.hooks}
-        for namespace, interface, direction in sorted((self.starved - found.keys()) & present):
+        ended = self.starved - found.keys()
+        present = (
+            {(h.namespace, h.interface, str(h.direction)) for h in result.hooks} if ended else set()
+        )
+        for namespace, interface, direction in sorted(ended & present):
             self.log("info", "datadog-starvation-ended", event="datadog-starvation-ended",
                      namespace=namespace, interface=interface, direction=direction)  # fmt: skip
         self.starved = frozenset(found)
@@ -818,7 +822,7 @@ class Daemon(TcxLinks):
     def reload(self) -> None:
         sd_notify.reloading()
         try:
-            config = with_overrides(load_config(self.config_path), self.listen_override)
+            config = with_overrides(load_config(self.config_path), self.overrides)
         except Exception as exc:  # ConfigError, or a bug: either way the last good one stays
             problems = exc.problems if isinstance(exc, ConfigError) else [
                 f"{self.config_path}: {type(exc).__name__}: {exc}"
@@ -831,13 +835,10 @@ class Daemon(TcxLinks):
             self._republish()
             sd_notify.ready()
             return
-        endpoint_changed = (
-            (config.listen_host, config.listen_port, config.tls, config.basic_auth)
-            != (self.config.listen_host, self.config.listen_port, self.config.tls,
-                self.config.basic_auth)
-        )  # fmt: skip
+        endpoint_changed = endpoint_settings(config) != endpoint_settings(self.config)
         self.config = config
-        self.log = Log(config.log_level)
+        self.log = Log(config.log_level, config.log_format)
+        self._log_deprecations()
         self.config_ok = True
         self.counters.reloads["success"] += 1
         if endpoint_changed and self.endpoint is not None:
@@ -859,12 +860,20 @@ class Daemon(TcxLinks):
         )
 
 
-def run_daemon(config_path: Path, listen_override: str | None) -> int:
+def endpoint_settings(config: DaemonConfig) -> tuple:
+    """What the endpoint is built from: a reload that changes it restarts the endpoint (a web
+    config file's certificates count by their contents)."""
+    return (config.listen_host, config.listen_port, config.tls, config.basic_auth, config.web,
+            config.telemetry_path)  # fmt: skip
+
+
+def run_daemon(config_path: Path, overrides: Overrides | None = None) -> int:
+    overrides = overrides or Overrides()
     try:
-        config = with_overrides(load_config(config_path, missing_ok=True), listen_override)
+        config = with_overrides(load_config(config_path, missing_ok=True), overrides)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"tcprio: {problem}", file=sys.stderr)
         return 2
     limit_malloc_arenas()
-    return Daemon(config, config_path, listen_override).run()
+    return Daemon(config, config_path, overrides).run()
