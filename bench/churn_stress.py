@@ -82,7 +82,8 @@ U32_PRIOS = range(40, 50)
 RSS_SLACK = (10 * MIB, 0.25)  # final RSS <= baseline + max(10 MiB, 25% of the baseline)
 
 CONFIG = """\
-listen_address: "127.0.0.1:{port}"
+web:
+  listen_address: "127.0.0.1:{port}"
 proc_sweep_interval_seconds: 0.5
 tcx_poll_interval_seconds: 0.2
 debounce_seconds: 0.02

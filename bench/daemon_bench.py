@@ -60,7 +60,8 @@ VISIBLE_TIMEOUT_S = 15.0
 PR_SET_PDEATHSIG = 1
 
 CONFIG = """\
-listen_address: "127.0.0.1:{port}"
+web:
+  listen_address: "127.0.0.1:{port}"
 proc_sweep_interval_seconds: 0.5
 tcx_poll_interval_seconds: 0.2
 debounce_seconds: 0.02

@@ -52,7 +52,8 @@ SETTLE_S = 15.0  # after ready: the first polls, sweeps and the first run-stats 
 SCHED_CLS = 3  # BPF_PROG_TYPE_SCHED_CLS
 
 CONFIG = """\
-listen_address: "127.0.0.1:{port}"
+web:
+  listen_address: "127.0.0.1:{port}"
 namespaces:
   include: ["{include}"]
 datadog:

@@ -29,7 +29,8 @@ from topology import Topology, cleanup_leftovers, sigterm_as_interrupt
 READY_TIMEOUT_S = 300.0
 
 CONFIG = """\
-listen_address: "127.0.0.1:{port}"
+web:
+  listen_address: "127.0.0.1:{port}"
 namespaces:
   include: ["{include}"]
 datadog:

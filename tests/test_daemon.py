@@ -37,7 +37,8 @@ STARVATION_GUARD_S = 60.0
 SETTLE_S = 0.5  # fds and threads count as settled when two readings this far apart agree
 
 CONFIG = """
-listen_address: "127.0.0.1:{port}"
+web:
+  listen_address: "127.0.0.1:{port}"
 proc_sweep_interval_seconds: 0.5
 tcx_poll_interval_seconds: 0.2
 debounce_seconds: 0.02

@@ -181,7 +181,7 @@ def test_the_daemon_runs_with_the_units_capabilities(scene: TestNetns, tmp_path:
     port = free_port()
     config = tmp_path / "tcprio.yaml"
     config.write_text(
-        f'listen_address: "127.0.0.1:{port}"\n'
+        f'web:\n  listen_address: "127.0.0.1:{port}"\n'
         f'namespaces: {{include: ["{scene.name}"]}}\n'
         "datadog: {config_files: [], scan_processes: false}\nlive_probe: false\n"
     )

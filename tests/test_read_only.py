@@ -115,9 +115,10 @@ def test_a_daemon_run_changes_nothing(scene: TestNetns, tmp_path: Path):
     port = free_port()
     config = tmp_path / "tcprio.yaml"
     config.write_text(
-        f'listen_address: "127.0.0.1:{port}"\nresync_interval_seconds: 5\n'
+        f'web:\n  listen_address: "127.0.0.1:{port}"\nresync_interval_seconds: 5\n'
         "proc_sweep_interval_seconds: 0.5\ntcx_poll_interval_seconds: 0.2\n"
         "datadog: {config_files: [], scan_processes: false}\n"
+        "metrics: {full_inventory: true}\n"  # the scene's own classifiers, tcx included
     )  # live_probe stays at its default (on): on this kernel it cannot attach
     log = tmp_path / "daemon.log"
     with open(log, "w") as err:
@@ -136,7 +137,7 @@ def test_a_daemon_run_changes_nothing(scene: TestNetns, tmp_path: Path):
         deadline = time.monotonic() + HANG_GUARD_S
         while time.monotonic() < deadline:
             out = metrics()
-            if f'namespace="{scene.name}"' in out and 'hook="tcx"' in out:
+            if f'netns="{scene.name}"' in out and 'hook="tcx"' in out:
                 break
             assert proc.poll() is None, log.read_text()
             time.sleep(0.1)

@@ -341,7 +341,8 @@ def test_a_killed_run_is_cleaned_up_by_the_next_one():
 
 
 DAEMON_CONFIG = """
-listen_address: "127.0.0.1:{port}"
+web:
+  listen_address: "127.0.0.1:{port}"
 proc_sweep_interval_seconds: 300   # only events: the self-test's namespaces must be seen at once
 resync_interval_seconds: 300
 namespaces:
