@@ -27,6 +27,9 @@ debian_packages=(iproute2 python3-venv procps util-linux)
 # The tests also run a real Prometheus (and promtool) on loopback, systemd-analyze, strace (the
 # read-only check of a scan).
 [ "$profile" = dev ] && debian_packages+=(prometheus systemd openssl strace)
+# The container image test (opt-in: TCPRIO_IMAGE_TEST=1, tests/test_container_image.py): podman
+# with runc (crun refuses hosts whose cgroups are in hybrid mode), debootstrap for its base.
+[ "$profile" = dev ] && [ "${TCPRIO_IMAGE_TEST:-}" = 1 ] && debian_packages+=(podman runc debootstrap)
 missing=()
 for pkg in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
