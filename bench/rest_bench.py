@@ -48,12 +48,13 @@ from daemon_process import Daemon, environment_without_systemd, free_port
 from topology import Topology, bpf_syscalls, cleanup_leftovers, sigterm_as_interrupt
 
 READY_TIMEOUT_S = 120.0
+# The configuration keeps the older `listen_address` key (deprecated, still read): the
+# --baseline-tree daemon may predate `web.listen_address`.
 SETTLE_S = 15.0  # after ready: the first polls, sweeps and the first run-stats window
 SCHED_CLS = 3  # BPF_PROG_TYPE_SCHED_CLS
 
 CONFIG = """\
-web:
-  listen_address: "127.0.0.1:{port}"
+listen_address: "127.0.0.1:{port}"
 namespaces:
   include: ["{include}"]
 datadog:

@@ -111,26 +111,36 @@ class Deadlines:
     blocked read then returns and the connection's thread ends."""
 
     def __init__(self, tick_s: float = 0.5) -> None:
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
         self._due: dict[socket.socket, float] = {}
-        self._tick_s = tick_s
-        self._stopped = threading.Event()
+        self._tick_s = tick_s  # how late a cut may come: deadlines are checked in batches
+        self._stopped = False
         self._thread = threading.Thread(target=self._reap, name="tcprio-http-reaper",
                                         daemon=True)  # fmt: skip
         self._thread.start()
 
     def arm(self, connection: socket.socket, seconds: float) -> None:
-        with self._lock:
+        with self._changed:
+            idle = not self._due
             self._due[connection] = time.monotonic() + seconds
+            if idle:
+                self._changed.notify()
 
     def disarm(self, connection: socket.socket) -> None:
-        with self._lock:
+        with self._changed:
             self._due.pop(connection, None)
 
     def _reap(self) -> None:
-        while not self._stopped.wait(self._tick_s):
-            now = time.monotonic()
-            with self._lock:
+        """Asleep while no request is under way (a daemon at rest wakes for nothing), else
+        every tick until the last deadline is disarmed or cut."""
+        while True:
+            with self._changed:
+                while not self._due and not self._stopped:
+                    self._changed.wait()
+                if self._stopped:
+                    return
+                self._changed.wait(self._tick_s)
+                now = time.monotonic()
                 late = [c for c, due in self._due.items() if due <= now]
                 for connection in late:
                     del self._due[connection]
@@ -139,7 +149,9 @@ class Deadlines:
                     connection.shutdown(socket.SHUT_RDWR)
 
     def stop(self) -> None:
-        self._stopped.set()
+        with self._changed:
+            self._stopped = True
+            self._changed.notify()
         self._thread.join(timeout=5)
 
 
@@ -429,8 +441,44 @@ class _Server(ThreadingHTTPServer):
         self.deadlines = Deadlines()
         self.slots = Slots(MAX_CONNECTIONS, PER_CLIENT, LOOPBACK_UNLIMITED)
         self._prefixes: dict[socket.socket, bytes] = {}
-        super().__init__(address, handler)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # for shutdown
+        self._stop_requested = self._loop_started = False
+        self._loop_done = threading.Event()
+        try:
+            super().__init__(address, handler)
+        except BaseException:
+            self._close_wake_pipe()
+            raise
         self.triage = Triage(self)
+
+    def _close_wake_pipe(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """socketserver's loop, asleep until a connection or `shutdown` (its own wakes every
+        `poll_interval` to look for a shutdown request: twice a second at rest, for nothing)."""
+        self._loop_started = True
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(self._wake_r, selectors.EVENT_READ)
+                while not self._stop_requested:
+                    for key, _ in selector.select():
+                        if key.fileobj is self and not self._stop_requested:
+                            self._handle_request_noblock()
+                    self.service_actions()
+        finally:
+            self._loop_done.set()
+
+    def shutdown(self) -> None:
+        """Stops serve_forever and waits for it to return (call it from another thread)."""
+        self._stop_requested = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        if self._loop_started:
+            self._loop_done.wait()
 
     def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
         client = str(client_address[0])
@@ -489,6 +537,7 @@ class _Server(ThreadingHTTPServer):
         super().server_close()
         self.triage.stop()
         self.deadlines.stop()
+        self._close_wake_pipe()
 
 
 class Handler(BaseHTTPRequestHandler):
