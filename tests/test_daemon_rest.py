@@ -136,6 +136,7 @@ def test_a_small_node_is_queried_whole_every_poll(monkeypatch):
 def quiet_daemon(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator:
     """A daemon that never ran its loop, over 200 empty readings, with a fixed link list."""
     monkeypatch.setattr(bpf_syscalls, "list_link_ids", lambda: [7, 8])
+    monkeypatch.setattr(bpf_syscalls, "link_ids_after", lambda after: [])
     d = daemon_module.Daemon(DaemonConfig(), tmp_path / "tcprio.yaml", None)
     inventories, watched = node()
     d.inventories, d.watched = inventories, watched
@@ -183,3 +184,32 @@ def test_run_counters_are_read_every_few_seconds_and_after_a_scrape(quiet_daemon
     d._run_stats_due = 0.0  # RUN_STATS_INTERVAL_S went by
     d.poll_links_and_stats()
     assert calls["run_stats"] == 3
+
+
+def test_links_new_ones_every_poll_the_whole_list_every_few_seconds(quiet_daemon, monkeypatch):
+    """One syscall a poll for new links (ids grow); a link gone shows at the next whole list."""
+    d, _ = quiet_daemon
+    listed = {"whole": 0, "after": []}
+    kernel_links = [7, 8]
+
+    def whole() -> list[int]:
+        listed["whole"] += 1
+        return list(kernel_links)
+
+    def after(newest: int) -> list[int]:
+        listed["after"].append(newest)
+        return [i for i in kernel_links if i > newest]
+
+    monkeypatch.setattr(bpf_syscalls, "list_link_ids", whole)
+    monkeypatch.setattr(bpf_syscalls, "link_ids_after", after)
+    d.poll_links_and_stats()
+    assert listed["whole"] == 1 and d.link_ids == {7, 8}
+    kernel_links.append(9)  # a new link: seen at the next poll, by one call
+    d.poll_links_and_stats()
+    assert d.link_ids == {7, 8, 9} and listed == {"whole": 1, "after": [8]}
+    kernel_links.remove(7)  # a link gone: seen once the whole list is due
+    d.poll_links_and_stats()
+    assert 7 in d.link_ids
+    d._full_link_list_due = 0.0  # FULL_LINK_LIST_S went by
+    d.poll_links_and_stats()
+    assert d.link_ids == {8, 9} and listed["whole"] == 2

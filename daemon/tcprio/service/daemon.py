@@ -81,6 +81,7 @@ REMEMBER_DATADOG_S = 3600.0
 # Run counters are read this often at rest, and at the first poll after a scrape (a program
 # each: thousands of syscalls a read on a big node).
 RUN_STATS_INTERVAL_S = 5.0
+FULL_LINK_LIST_S = 5.0  # a link gone with no other sign shows within this (a new one: a poll)
 
 
 def release_memory() -> None:
@@ -166,6 +167,7 @@ class Daemon(TcxLinks):
         self.reload_requested = False
         self.config_ok = True
         self.link_ids: frozenset[int] = frozenset()
+        self._full_link_list_due = 0.0
         self.tcx_links: dict[int, tuple[int, int]] = {}  # link id -> (ifindex, parent)
         # link id -> (ifindex, parent, until): hooks to check again against the link list
         self.tcx_rechecks: dict[int, tuple[int, int, float]] = {}
@@ -731,10 +733,7 @@ class Daemon(TcxLinks):
 
     def poll_links_and_stats(self) -> None:
         """tcx, netkit and XDP links send no netlink event: new and removed links are polled."""
-        try:
-            links = frozenset(bpf_syscalls.list_link_ids())
-        except OSError:
-            links = self.link_ids
+        links = self._current_links()
         changed: list[tuple[int, int, int]] = []
         other_links = False  # freplace links among them: they change what programs run
         if links != self.link_ids:
@@ -768,6 +767,20 @@ class Daemon(TcxLinks):
             self._scraped = False
             self._run_stats_due = now + RUN_STATS_INTERVAL_S
             self._refresh_run_stats()
+
+    def _current_links(self) -> frozenset[int]:
+        """The BPF links: a new one at every poll (one syscall: ids only grow), the whole list,
+        which also shows the links gone, every FULL_LINK_LIST_S (a syscall per link: 100 tcx
+        links listed every second cost a daemon at rest half its CPU)."""
+        now = time.monotonic()
+        try:
+            if now >= self._full_link_list_due or not self.link_ids:
+                self._full_link_list_due = now + FULL_LINK_LIST_S
+                return frozenset(bpf_syscalls.list_link_ids())
+            new = bpf_syscalls.link_ids_after(max(self.link_ids))
+        except OSError:
+            return self.link_ids
+        return self.link_ids | frozenset(new) if new else self.link_ids
 
     def _walk_needed(self, links: frozenset[int]) -> bool:
         """Whether the readings must be walked for hooks to read again: the link list or a

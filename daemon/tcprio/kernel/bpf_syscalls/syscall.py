@@ -370,5 +370,11 @@ def list_link_ids() -> list[int]:
     return _all_ids(BpfCmd.LINK_GET_NEXT_ID)
 
 
+def link_ids_after(after: int) -> list[int]:
+    """The ids of the links made after link `after` (ids increase like program ids): one
+    syscall when there is none."""
+    return _all_ids(BpfCmd.LINK_GET_NEXT_ID, after)
+
+
 def list_btf_ids() -> list[int]:
     return _all_ids(BpfCmd.BTF_GET_NEXT_ID)
