@@ -28,8 +28,9 @@ pytest_args=()
 
 # The kernel-dependent part of the suite (what differs between kernels): the scan scene and its
 # differential checks against tc and bpftool, verdicts against BPF_PROG_TEST_RUN, run counters,
-# tcx and its absence, the live probe, the self-test, the daemon end to end, and the tests that
-# only a guest kernel runs (fexit/freplace, netkit).
+# tcx and its absence, the live probe, the self-test, the daemon end to end, the tests that
+# only a guest kernel runs (fexit/freplace, netkit), and what else differs between kernels
+# (helper names, xlated code, run statistics, tc modules: tests/test_kernel_differences.py).
 KERNEL_TESTS=(
     tests/test_bpf_syscalls.py
     tests/test_scan_kernel.py
@@ -40,6 +41,7 @@ KERNEL_TESTS=(
     tests/test_daemon.py
     tests/test_freplace.py
     tests/test_netkit_kernel.py
+    tests/test_kernel_differences.py
 )
 # Drivers of qemu's q35 devices that the tests never use: udev loading them costs ~15 s a boot.
 BLACKLIST=ahci,libahci,libata,ata_piix,ata_generic,sr_mod,cdrom,psmouse,evdev,serio_raw,pcspkr
