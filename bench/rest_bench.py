@@ -62,6 +62,8 @@ datadog:
   scan_processes: false
 live_probe: false
 log_level: info
+metrics:
+  full_inventory: true  # the latency probe reads per-hook filter counters
 """
 
 
