@@ -169,3 +169,38 @@ def test_a_reused_path_naming_another_namespace_is_refused():
         impostor = type(target)(**{**target.__dict__, "path": other.path})
         with pytest.raises(NamespaceGone, match="another namespace"), entered(impostor):
             pass
+
+
+def _named_in(folder: Path) -> dict[str, int]:
+    from tcprio.kernel.namespaces import _named_namespaces
+
+    return {ns.name: ns.inode for ns in _named_namespaces([folder])}
+
+
+def test_a_quiet_netns_folder_is_read_from_memory_and_any_new_file_at_once(tmp_path):
+    """The sweep keeps a quiet folder's namespaces (no stat of each pinned file every 10 s),
+    and still sees a file added or removed at once, whatever the folder's mtime says."""
+    folder = tmp_path / "netns"
+    folder.mkdir()
+    with netns("nc-a") as a, netns("nc-b") as b, contextlib.ExitStack() as mounts:
+        inode = {n.name: os.stat(f"/run/netns/{n.name}").st_ino for n in (a, b)}
+
+        def pin(name: str, target: str) -> None:
+            (folder / name).touch()
+            subprocess.run(["mount", "--bind", f"/run/netns/{target}", str(folder / name)],
+                           check=True)  # fmt: skip
+            mounts.callback(subprocess.run, ["umount", str(folder / name)], check=False)
+
+        pin("x", a.name)
+        os.utime(folder, ns=(0, 0))  # quiet for long: cacheable
+        assert _named_in(folder) == {"x": inode[a.name]}
+        # A namespace mounted over the same file changes nothing a cheap check sees: the
+        # cache answers (until NAMED_CACHE_TTL_S), which shows it was used.
+        subprocess.run(["umount", str(folder / "x")], check=True)
+        subprocess.run(["mount", "--bind", f"/run/netns/{b.name}", str(folder / "x")], check=True)
+        os.utime(folder, ns=(0, 0))
+        assert _named_in(folder) == {"x": inode[a.name]}
+        # A new file, even with the same mtime: read again at once, and right.
+        pin("y", a.name)
+        os.utime(folder, ns=(0, 0))
+        assert _named_in(folder) == {"x": inode[b.name], "y": inode[a.name]}

@@ -15,6 +15,7 @@ import ctypes
 import os
 import re
 import stat
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -189,20 +190,55 @@ def _distinct_folders(dirs: Iterable[Path]) -> Iterator[tuple[Path, list[str]]]:
             continue
 
 
+# A netns folder's namespaces, kept while the folder is unchanged (the same files, and its
+# mtime, which moves with every file created or removed): a node with hundreds of pinned pod
+# namespaces need not stat each of them at every sweep. Kept only when every file was a
+# namespace (a file `ip netns add` has not mounted yet is looked at again), when the folder had
+# not changed for a second (timestamps are coarse: two changes in one tick show one mtime), and
+# for at most NAMED_CACHE_TTL_S (a namespace mounted over another's file changes no mtime).
+NAMED_CACHE_TTL_S = 60.0
+QUIET_FOLDER_NS = 1_000_000_000
+_named_cache: dict[tuple[int, int], tuple[int, tuple[str, ...], float, tuple[NetNamespace, ...]]]
+_named_cache = {}
+
+
+def _folder_namespaces(folder: Path, entries: list[str], nsfs: int | None) -> list[NetNamespace]:
+    source = "docker" if "docker" in folder.parts else "named"
+    found = []
+    for entry in entries:
+        path = f"{folder}/{entry}"
+        key = _nsfs_key(path)
+        if key is None or (nsfs is not None and key[0] != nsfs):
+            continue
+        found.append(NetNamespace(
+            inode=key[1], dev=key[0], name=entry, path=path, source=source, netns=entry
+        ))  # fmt: skip
+    return found
+
+
 def _named_namespaces(dirs: Iterable[Path]) -> Iterator[NetNamespace]:
     """Bind-mounted namespace files. `ip netns add` creates the file before it mounts the
     namespace on it: a file that is not on nsfs yet is skipped (the next sweep finds it)."""
     nsfs = nsfs_device()
+    now = time.monotonic()
     for folder, entries in _distinct_folders(dirs):
-        source = "docker" if "docker" in folder.parts else "named"
-        for entry in entries:
-            path = f"{folder}/{entry}"
-            key = _nsfs_key(path)
-            if key is None or (nsfs is not None and key[0] != nsfs):
-                continue
-            yield NetNamespace(
-                inode=key[1], dev=key[0], name=entry, path=path, source=source, netns=entry
-            )
+        try:
+            st = os.stat(folder)
+        except OSError:
+            continue
+        ident, names = (st.st_dev, st.st_ino), tuple(entries)
+        cached = _named_cache.get(ident)
+        fresh = cached is not None and now - cached[2] < NAMED_CACHE_TTL_S
+        if fresh and cached[:2] == (st.st_mtime_ns, names):  # type: ignore[index]
+            yield from cached[3]  # type: ignore[index]
+            continue
+        found = _folder_namespaces(folder, entries, nsfs)
+        quiet = time.time_ns() - st.st_mtime_ns > QUIET_FOLDER_NS
+        if len(found) == len(entries) and quiet:
+            _named_cache[ident] = (st.st_mtime_ns, names, now, tuple(found))
+        else:
+            _named_cache.pop(ident, None)
+        yield from found
 
 
 def unmounted_named_files(dirs: Iterable[Path]) -> list[Path]:

@@ -752,8 +752,10 @@ class Daemon(TcxLinks):
             self._mark_xdp_namespaces(links)
             self._walked = (links, self.inventory_generation)
         interval = self.config.tcx_poll_interval
-        for key, events in self.linkless_tcx.changed(self.inventories, self.watched,
-                                                     interval).items():  # fmt: skip
+        linkless = self.linkless_tcx.changed(
+            self.inventories, self.watched, interval, self.inventory_generation
+        )
+        for key, events in linkless.items():
             self.watched[key].pending.extend(events)  # attached without a link: no event
             self._mark_dirty(key)
         changed = self.prog_arrays.changed()

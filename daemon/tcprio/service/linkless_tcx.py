@@ -79,6 +79,8 @@ class LinklessTcxWatch:
         self.everywhere = 0  # polls left that query every namespace
         # per namespace: the reading last looked at, and whether it shows a link-less program
         self._linkless: dict[Hashable, tuple[NamespaceInventory, bool]] = {}
+        self._split_state: Hashable = None
+        self._split_cache: tuple[list, list] = ([], [])
 
     def _programs_loaded(self) -> bool:
         """Whether a sched_cls program (the only type tcx takes) was loaded since the last
@@ -107,14 +109,27 @@ class LinklessTcxWatch:
         """Namespaces queried a poll for a round every `round_s`."""
         return max(self.minimum, math.ceil(namespaces * interval / self.round_s))
 
-    def _chosen(self, inventories: Mapping[Key, NamespaceInventory], interval: float) -> list[Key]:
+    def _split(
+        self, inventories: Mapping[Key, NamespaceInventory], watched: Mapping[Key, HasNamespace],
+        state: Hashable,
+    ) -> tuple[list[Key], list[Key]]:
+        """(the watched namespaces holding a link-less program, the others), worked out again
+        only when `state` (the readings' generation) moved: a quiet poll does not walk them."""
+        if state is None or self._split_state != state:
+            mine = {k: v for k, v in inventories.items() if k in watched}
+            for gone in self._linkless.keys() - mine.keys():
+                del self._linkless[gone]
+            always = [k for k, inv in mine.items() if self._holds_linkless(k, inv)]
+            held = set(always)
+            self._split_cache = (always, [k for k in mine if k not in held])
+            self._split_state = state
+        return self._split_cache  # type: ignore[return-value]
+
+    def _chosen(self, always: list[Key], others: list[Key], interval: float) -> list[Key]:
         """The namespaces to query this poll: those holding a link-less program, every one
         after a program was loaded, else the next `budget` of the others in turn."""
         if self._programs_loaded():
             self.everywhere = NEW_PROGRAM_POLLS
-        always = [k for k, inv in inventories.items() if self._holds_linkless(k, inv)]
-        chosen = set(always)
-        others = [k for k in inventories if k not in chosen]
         budget = self.budget(len(others), interval)
         if self.everywhere:
             self.everywhere -= 1
@@ -123,7 +138,7 @@ class LinklessTcxWatch:
             return always + others
         start = self.cursor % len(others)
         self.cursor = start + budget
-        turn = (others + others)[start : start + budget]
+        turn = others[start : start + budget] + others[: max(0, start + budget - len(others))]
         return always + turn
 
     def changed(
@@ -131,16 +146,20 @@ class LinklessTcxWatch:
         inventories: Mapping[Key, NamespaceInventory],
         watched: Mapping[Key, HasNamespace],
         interval: float = 1.0,
+        generation: int | None = None,
     ) -> dict[Key, list[TcEvent]]:
         """Per watched namespace, a tcx-change event for each hook whose tcx chain is not what
-        its last reading showed (`interval`: seconds between two polls)."""
+        its last reading showed (`interval`: seconds between two polls; `generation`: a number
+        that moves whenever a reading is stored, None to work everything out again)."""
         found: dict[Key, list[TcEvent]] = {}
-        mine = {k: v for k, v in inventories.items() if k in watched}
-        for gone in self._linkless.keys() - mine.keys():
-            del self._linkless[gone]
-        for key in self._chosen(mine, interval):
-            with contextlib.suppress(OSError, NamespaceGone), entered(watched[key].namespace):
-                hooks = changed_hooks(mine[key])
+        state = None if generation is None else (generation, len(inventories), len(watched))
+        always, others = self._split(inventories, watched, state)
+        for key in self._chosen(always, others, interval):
+            inventory, target = inventories.get(key), watched.get(key)
+            if inventory is None or target is None:
+                continue
+            with contextlib.suppress(OSError, NamespaceGone), entered(target.namespace):
+                hooks = changed_hooks(inventory)
                 if hooks:
                     found[key] = [
                         TcEvent("tcx-change", ifindex=i, parent=PARENT_BY_DIRECTION[d])
