@@ -23,9 +23,9 @@ from tcprio.kernel.tc_inventory import PARENT_BY_DIRECTION
 from tcprio.model import Direction, HookInventory, NamespaceInventory, NetNamespace
 from tcprio.service.watch import TcEvent
 
-LINKLESS_ROUND_S = 150.0  # every namespace queried once this often, when nothing was loaded
-# (half the default full resync, which queries every hook again anyway)
-LINKLESS_MIN_NAMESPACES = 2  # namespaces queried a poll at least (all of them on a small node)
+LINKLESS_ROUND_S = 300.0  # every namespace queried once this often, when nothing was loaded
+# (the default full resync too, which queries every hook again anyway)
+LINKLESS_MIN_NAMESPACES = 1  # namespaces queried a poll at least (all of them on a small node)
 NEW_PROGRAM_POLLS = 2  # polls querying every namespace after a program was loaded
 
 Key = TypeVar("Key", bound=Hashable)
