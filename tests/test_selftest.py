@@ -455,3 +455,30 @@ def test_ctrl_c_pressed_again_and_again_does_not_cut_the_cleanup_short():
         )
         assert "Traceback" not in err
     assert_nothing_left(before)
+
+
+def test_a_stop_signal_landing_in_a_finalizer_is_raised_just_after_it():
+    """A SIGTERM that arrives while a subprocess.Popen is being collected must not print
+    "Exception ignored in ... Traceback" and be lost: it is raised again outside."""
+    from tcprio.selftest.cli import Interrupted, _StopOnce
+
+    stop = _StopOnce()
+    previous = signal.getsignal(signal.SIGALRM)
+    raised_in_finalizer: list[BaseException] = []
+
+    class Collected:
+        def __del__(self) -> None:
+            try:
+                stop(signal.SIGTERM, sys._getframe())
+            except BaseException as exc:  # what Python would print and drop
+                raised_in_finalizer.append(exc)
+
+    try:
+        with pytest.raises(Interrupted):
+            Collected()  # collected at once: the signal "lands" in its __del__
+            time.sleep(guard(5))  # SIGALRM re-raises it here, within DEFER_S
+        assert raised_in_finalizer == []
+        assert stop.received == "SIGTERM"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -29,16 +29,41 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C, SIGTERM or SIGHUP: stop, removing the scene first."""
 
 
+DEFER_S = 0.01  # a signal that lands in a finalizer is raised again this much later
+
+
+def _in_finalizer(frame: FrameType | None) -> bool:
+    """Whether the signal interrupted a `__del__` (a subprocess.Popen being collected): Python
+    prints an exception raised there as "Exception ignored in ..." with its traceback, and
+    drops it."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
 class _StopOnce:
-    """Raise Interrupted on the first stop signal only: more Ctrl-Cs must not cut the cleanup."""
+    """Raise Interrupted on the first stop signal only: more Ctrl-Cs must not cut the cleanup.
+    A signal that lands in a finalizer is raised a moment later, outside it (SIGALRM)."""
 
     def __init__(self) -> None:
         self.received: str | None = None
+        self._deferred: str | None = None
 
-    def __call__(self, signum: int, _frame: FrameType | None) -> None:
-        if self.received is None:
-            self.received = signal.Signals(signum).name
-            raise Interrupted(self.received)
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:
+            return
+        name = self._deferred if signum == signal.SIGALRM else signal.Signals(signum).name
+        if name is None:
+            return
+        if _in_finalizer(frame):
+            self._deferred = name
+            signal.signal(signal.SIGALRM, self)
+            signal.setitimer(signal.ITIMER_REAL, DEFER_S)
+            return
+        self.received = name
+        raise Interrupted(name)
 
 
 def step_lines(step: StepResult, color: bool) -> list[str]:
