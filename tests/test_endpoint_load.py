@@ -38,12 +38,14 @@ SCRAPES = 2000  # requests the concurrent scrapers make in all: about 1.8 s here
 
 @pytest.fixture
 def serve() -> Iterator:
+    """start(config, render=None) -> port: an Endpoint on a free loopback port, stopped after
+    the test (tests/test_endpoint_starvation.py and tests/test_web_config.py use it too)."""
     started: list[Endpoint] = []
 
-    def start(config: DaemonConfig) -> int:
+    def start(config: DaemonConfig, render=None) -> int:
         endpoint = Endpoint(
             replace(config, listen_host="127.0.0.1", listen_port=0),
-            MetricsRenderer(lambda: SNAPSHOT),
+            render or MetricsRenderer(lambda: SNAPSHOT),
             lambda: True,
             lambda: True,
         )

@@ -18,43 +18,21 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import pytest
 
 from tcprio.service import endpoint as endpoint_module
 from tcprio.service.config import BasicAuth, DaemonConfig
-from tcprio.service.endpoint import Endpoint
-from tcprio.service.metrics import MetricsRenderer
-from tcprio.service.snapshot import Snapshot
+from tests import test_endpoint_load
 from tests.timing import HANG_GUARD_S
 
-SNAPSHOT = replace(Snapshot.empty("test-kernel"), ready=True)
+serve = test_endpoint_load.serve  # the shared fixture: an Endpoint on a loopback port
 SLOW_CLIENTS = 130
 PROBES = 140
 PROBE_EVERY_S = 0.05  # 140 probes over ~7 s: through a drip cycle and the triage's deadlines
 DRIP_EVERY_S = 5.0
 START = b"GET /metrics HTTP/1.1\r\nHost: tcprio\r\nX-Slow: "
-
-
-@pytest.fixture
-def serve() -> Iterator:
-    started: list[Endpoint] = []
-
-    def start(config: DaemonConfig) -> int:
-        endpoint = Endpoint(
-            replace(config, listen_host="127.0.0.1", listen_port=0),
-            MetricsRenderer(lambda: SNAPSHOT),
-            lambda: True,
-            lambda: True,
-        )
-        endpoint.start()
-        started.append(endpoint)
-        return endpoint.port
-
-    yield start
-    for endpoint in started:
-        endpoint.stop()
 
 
 @dataclass

@@ -9,8 +9,7 @@ import http.client
 import socket
 import ssl
 import subprocess
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import bcrypt
@@ -18,14 +17,12 @@ import pytest
 
 from tcprio.service import web_config
 from tcprio.service.config import ConfigError, DaemonConfig, Overrides, load_config, with_overrides
-from tcprio.service.endpoint import Endpoint
-from tcprio.service.metrics import MetricsRenderer
-from tcprio.service.snapshot import Snapshot
 from tcprio.service.web_config import WebConfigError, load_web_config
+from tests import test_endpoint_load
 from tests.test_endpoint import basic
 from tests.timing import HANG_GUARD_S
 
-SNAPSHOT = replace(Snapshot.empty("test-kernel"), ready=True)
+serve = test_endpoint_load.serve  # the shared fixture: an Endpoint on a loopback port
 PASSWORD = "correct horse"
 HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()  # cost 4: quick tests
 
@@ -97,26 +94,6 @@ def tls_section(pki: Pki, client_auth: str | None = None, ca: bool = True) -> st
 
 
 # --- serving ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def serve() -> Iterator:
-    started: list[Endpoint] = []
-
-    def start(config: DaemonConfig, render=None) -> int:
-        endpoint = Endpoint(
-            replace(config, listen_host="127.0.0.1", listen_port=0),
-            render or MetricsRenderer(lambda: SNAPSHOT),
-            lambda: True,
-            lambda: True,
-        )
-        endpoint.start()
-        started.append(endpoint)
-        return endpoint.port
-
-    yield start
-    for endpoint in started:
-        endpoint.stop()
 
 
 def with_web(path: Path) -> DaemonConfig:
