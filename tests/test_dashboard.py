@@ -16,7 +16,6 @@ import contextlib
 import json
 import re
 import shutil
-import subprocess
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -28,7 +27,8 @@ import yaml
 from tcprio.model import Direction
 from tests.bpf_programs import attach_filter
 from tests.kernel import add_clsact, netns, veth_in_one
-from tests.test_daemon import daemon, free_port
+from tests.test_daemon import daemon
+from tests.test_prometheus import running_prometheus
 from tests.timing import HANG_GUARD_S, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,7 +127,6 @@ def test_the_dashboard_is_well_formed():
 
 @contextlib.contextmanager
 def prometheus(tmp_path: Path, scrape_port: int) -> Iterator[int]:
-    port = free_port()
     rules = yaml.safe_load(FLEET.read_text())
     for group in rules["groups"]:
         group["interval"] = "1s"
@@ -143,35 +142,8 @@ def prometheus(tmp_path: Path, scrape_port: int) -> Iterator[int]:
             }],
         }],
     }  # fmt: skip
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log_path = tmp_path / "prometheus.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp_path / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-    def ready() -> bool:
-        with (
-            contextlib.suppress(OSError),
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2) as r,
-        ):
-            return r.status == 200
-        assert proc.poll() is None, log_path.read_text()
-        return False
-
-    try:
-        wait_until(ready, "prometheus never became ready", poll_s=0.2)
+    with running_prometheus(tmp_path, config) as port:
         yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def query(port: int, promql: str) -> list[dict]:

@@ -52,7 +52,6 @@ def shortened_rules(target: Path) -> Path:
 
 @contextlib.contextmanager
 def prometheus(tmp_path: Path, scrape_port: int) -> Iterator[int]:
-    port = free_port()
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(shortened_rules(tmp_path / "alerts.yml"))],
@@ -60,6 +59,14 @@ def prometheus(tmp_path: Path, scrape_port: int) -> Iterator[int]:
             {"job_name": "tcprio", "static_configs": [{"targets": [f"127.0.0.1:{scrape_port}"]}]}
         ],
     }
+    with running_prometheus(tmp_path, config) as port:
+        yield port
+
+
+@contextlib.contextmanager
+def running_prometheus(tmp_path: Path, config: dict) -> Iterator[int]:
+    """Debian's prometheus with `config` on a free loopback port, once ready; its port."""
+    port = free_port()
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     log = open(tmp_path / "prometheus.log", "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
