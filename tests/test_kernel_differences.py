@@ -55,7 +55,6 @@ import gzip
 import json
 import os
 import re
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,10 +94,10 @@ from tests.bpf_asm import (
     st_imm,
 )
 from tests.bpf_programs import attach_filter
-from tests.kernel import TestNetns, add_clsact, netns, run, veth, veth_in_one
+from tests.kernel import add_clsact, netns, run, veth, veth_in_one
 from tests.test_bpf_syscalls import encode_insns, ipv4_udp_packet, ipv6_udp_packet
+from tests.test_run_counters import send_udp
 from tests.test_scan_kernel import datadog_settings
-from tests.timing import HANG_GUARD_S
 
 SCHED_CLS = bpf_syscalls.BPF_PROG_TYPE_SCHED_CLS
 BPF_CALL, LD_IMM64 = 0x85, 0x18
@@ -459,26 +458,6 @@ def _counter(map_fd: int) -> int:
     return value.value
 
 
-def _send_udp(tx: TestNetns, rx: TestNetns, count: int) -> int:
-    """Send `count` datagrams from tx to rx; how many arrived (each is read before returning:
-    the ingress filter ran on it before the socket got it)."""
-    with rx.entered():
-        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with tx.entered():
-        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with receiver, sender:
-        receiver.bind((RECEIVER_IP, PORT))
-        receiver.settimeout(HANG_GUARD_S)
-        for i in range(count):
-            sender.sendto(f"tcprio {i}".encode(), (RECEIVER_IP, PORT))
-        arrived = 0
-        with contextlib.suppress(TimeoutError):
-            while arrived < count:
-                receiver.recv(64)
-                arrived += 1
-    return arrived
-
-
 def test_run_count_equals_the_datagrams_sent() -> None:
     counter_fd = _map_create(MAP_ARRAY, 8, 1)
     prog_fd = _counting_program(counter_fd)
@@ -494,7 +473,7 @@ def test_run_count_equals_the_datagrams_sent() -> None:
                           prog_fd=prog_fd)  # fmt: skip
             before = bpf_syscalls.prog_info(prog_id, with_insns=False).run_cnt
             with bpf_syscalls.run_stats():
-                arrived = _send_udp(tx, rx, DATAGRAMS)
+                arrived = send_udp(tx, rx, DATAGRAMS, to=(RECEIVER_IP, PORT))
                 runs = bpf_syscalls.prog_info(prog_id, with_insns=False).run_cnt - before
             shown = json.loads(run("bpftool", "-j", "prog", "show", "id", str(prog_id)).stdout)
         assert arrived == DATAGRAMS

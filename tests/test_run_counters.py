@@ -34,17 +34,20 @@ def pair() -> Iterator[tuple[TestNetns, TestNetns]]:
         yield tx, rx
 
 
-def send_udp(tx: TestNetns, rx: TestNetns, count: int) -> int:
-    """Send `count` datagrams from tx to rx; return how many arrived."""
+def send_udp(
+    tx: TestNetns, rx: TestNetns, count: int, to: tuple[str, int] = (RECEIVER_IP, PORT)
+) -> int:
+    """Send `count` datagrams from tx to rx (`to`: its address and port); return how many
+    arrived (each is read before returning: the ingress filter ran on it first)."""
     with rx.entered():
         receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with tx.entered():
         sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with receiver, sender:
-        receiver.bind((RECEIVER_IP, PORT))
+        receiver.bind(to)
         receiver.settimeout(HANG_GUARD_S)  # every caller expects every datagram
         for i in range(count):
-            sender.sendto(f"tcprio {i}".encode(), (RECEIVER_IP, PORT))
+            sender.sendto(f"tcprio {i}".encode(), to)
         arrived = 0
         with contextlib.suppress(TimeoutError):
             while arrived < count:
