@@ -90,6 +90,14 @@ class View:
         return 0 if self.full else max(0, len(series) - self.settings.max_hook_series)
 
 
+def _counted(name: str, doc: str, labels: list[str], counts: Counter[tuple[str, ...]]) -> Metric:
+    """A gauge with one series per key of `counts` (label values in `labels`' order)."""
+    gauge = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=labels)
+    for key, n in sorted(counts.items()):
+        gauge.add_metric(list(key), n)
+    return gauge
+
+
 # --- the inventory ---------------------------------------------------------------------------
 
 CLASSIFIER_INFO_LABELS = [
@@ -121,14 +129,11 @@ def classifier_metrics(view: View) -> Iterator[Metric]:
                      vendor, verdict, datadog],
                     1,
                 )  # fmt: skip
-    gauge = GaugeMetricFamily(
-        f"{PREFIX}_classifiers",
+    yield _counted(
+        "classifiers",
         "TC classifiers on the node, by hook kind, direction, vendor and verdict class",
-        labels=CLASSIFIER_COUNT_LABELS,
-    )
-    for key, n in sorted(counts.items()):
-        gauge.add_metric(list(key), n)
-    yield gauge
+        CLASSIFIER_COUNT_LABELS, counts,
+    )  # fmt: skip
     if view.full:
         yield info
 
@@ -170,16 +175,13 @@ def conflict_metrics(view: View) -> Iterator[Metric]:
 
     blockers: Counter[tuple[str, ...]] = Counter()
     for c in conflicts:
-        values = _conflict_values(view, c)
-        blockers[(values[3], values[4], values[2], values[5], values[7], values[8])] += 1
-    by_blocker = GaugeMetricFamily(
-        f"{PREFIX}_conflict_blockers",
+        labels = dict(zip(CONFLICT_LABELS, _conflict_values(view, c), strict=True))
+        blockers[tuple(labels[k] for k in BLOCKER_LABELS)] += 1
+    yield _counted(
+        "conflict_blockers",
         "Hooks where a classifier may hide Datadog's, by severity and blocking program",
-        labels=BLOCKER_LABELS,
-    )
-    for key, n in sorted(blockers.items()):
-        by_blocker.add_metric(list(key), n)
-    yield by_blocker
+        BLOCKER_LABELS, blockers,
+    )  # fmt: skip
 
     detail = GaugeMetricFamily(
         f"{PREFIX}_conflict",
@@ -237,15 +239,12 @@ def shadowing_metrics(view: View) -> Iterator[Metric]:
         key = (str(s.direction), str(s.kind), str(s.severity), s.hidden_label,
                s.blocker.vendor or "")  # fmt: skip
         counts[(s.namespace, s.interface, *key) if view.full else key] += 1
-    gauge = GaugeMetricFamily(
-        f"{PREFIX}_shadowed_classifiers",
+    yield _counted(
+        "shadowed_classifiers",
         "Classifiers other than Datadog's that one before them on their hook may hide "
         "(kind: observer_hidden, policy_bypass, hidden)",
-        labels=(["netns", "interface"] if view.full else []) + SHADOWED_LABELS,
-    )
-    for key, n in sorted(counts.items()):
-        gauge.add_metric(list(key), n)
-    yield gauge
+        (["netns", "interface"] if view.full else []) + SHADOWED_LABELS, counts,
+    )  # fmt: skip
 
 
 # --- Datadog ---------------------------------------------------------------------------------
@@ -311,18 +310,18 @@ def _hook_gauge(view: View, name: str, doc: str, hooks: list[HookKey]) -> Iterat
     yield gauge
 
 
-def omitted_metrics(view: View) -> Iterator[Metric]:
-    snap = view.snap
+def omitted_metrics(
+    view: View, missing: list[HookKey], starved: list[HookKey]
+) -> Iterator[Metric]:
     gauge = GaugeMetricFamily(
         f"{PREFIX}_metrics_omitted_series",
         "Per-hook series left out of this scrape by metrics.max_hook_series, by family "
         "(tcprio scan lists them all)",
         labels=["family"],
     )
-    gauge.add_metric(["tcprio_conflict"], view.omitted(snap.result.conflicts))
-    gauge.add_metric(["tcprio_datadog_classifier_missing"],
-                     view.omitted(missing_datadog_hooks(snap)))  # fmt: skip
-    gauge.add_metric(["tcprio_datadog_starved"], view.omitted(sorted(snap.starved)))
+    gauge.add_metric(["tcprio_conflict"], view.omitted(view.snap.result.conflicts))
+    gauge.add_metric(["tcprio_datadog_classifier_missing"], view.omitted(missing))
+    gauge.add_metric(["tcprio_datadog_starved"], view.omitted(starved))
     yield gauge
 
 
@@ -381,17 +380,18 @@ def problem_metrics(view: View) -> Iterator[Metric]:
     """Per-hook series, only where something is wrong, capped; and churn, which depends on the
     clock (a hook stops churning when its changes leave the window), so it is per scrape."""
     snap = view.snap
+    missing, starved = missing_datadog_hooks(snap), sorted(snap.starved)
     yield from _hook_gauge(
         view, "datadog_classifier_missing",
         "1 where Datadog's classifier disappeared from a hook that remains and is not back",
-        missing_datadog_hooks(snap),
+        missing,
     )  # fmt: skip
     yield from _hook_gauge(
         view, "datadog_starved",
         "1 where run counters show Datadog's classifier not running while earlier ones do",
-        sorted(snap.starved),
+        starved,
     )  # fmt: skip
-    yield from omitted_metrics(view)
+    yield from omitted_metrics(view, missing, starved)
     churning = GaugeMetricFamily(
         f"{PREFIX}_hooks_churning",
         "Hooks with more than 4 filter adds and deletes (cause add_delete) or any replacement "
