@@ -175,17 +175,20 @@ def nsfs_device() -> int | None:
     return key[0] if key else None
 
 
-def _distinct_folders(dirs: Iterable[Path]) -> Iterator[tuple[Path, list[str]]]:
-    """Each existing folder of `dirs` with its sorted entries, once per folder: /var/run is
-    usually a link to /run, and its netns folder need not be read twice."""
+def _distinct_folders(dirs: Iterable[Path]) -> Iterator[tuple[Path, list[str], os.stat_result]]:
+    """Each existing folder of `dirs` with its sorted entries and its stat, once per folder:
+    /var/run is usually a link to /run, and its netns folder need not be read twice."""
     seen: set[tuple[int, int]] = set()
     for folder in dirs:
-        key = _nsfs_key(folder)
-        if key is None or key in seen:
-            continue
-        seen.add(key)
         try:
-            yield folder, sorted(os.listdir(folder))
+            st = os.stat(folder)
+        except (OSError, ValueError):
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            yield folder, sorted(os.listdir(folder)), st
         except OSError:
             continue
 
@@ -221,11 +224,7 @@ def _named_namespaces(dirs: Iterable[Path]) -> Iterator[NetNamespace]:
     namespace on it: a file that is not on nsfs yet is skipped (the next sweep finds it)."""
     nsfs = nsfs_device()
     now = time.monotonic()
-    for folder, entries in _distinct_folders(dirs):
-        try:
-            st = os.stat(folder)
-        except OSError:
-            continue
+    for folder, entries, st in _distinct_folders(dirs):
         ident, names = (st.st_dev, st.st_ino), tuple(entries)
         cached = _named_cache.get(ident)
         fresh = cached is not None and now - cached[2] < NAMED_CACHE_TTL_S
@@ -245,7 +244,7 @@ def unmounted_named_files(dirs: Iterable[Path]) -> list[Path]:
     """Files in the netns folders that are not namespaces yet: `ip netns add` is half-way."""
     nsfs = nsfs_device()
     found = []
-    for folder, entries in _distinct_folders(dirs):
+    for folder, entries, _ in _distinct_folders(dirs):
         for entry in entries:
             key = _nsfs_key(folder / entry)
             if key is None or (nsfs is not None and key[0] != nsfs):
